@@ -1,0 +1,12 @@
+"""Flax ResNets: the generic module, its design space, named presets and weight import."""
+
+from resnet_jax.models.design import BlockDesign
+from resnet_jax.models.registry import PRESETS, get_model, list_models, native_resolution
+from resnet_jax.models.resnet import ResidualBlock, ResNet, param_count, residual_stream
+
+
+__all__ = [
+    'BlockDesign', 'PRESETS', 'ResNet', 'ResidualBlock', 'from_torchvision', 'get_model',
+    'list_models', 'load_state_dict', 'native_resolution', 'param_count', 'residual_stream',
+]
+from resnet_jax.models.torchvision_import import from_torchvision, load_state_dict

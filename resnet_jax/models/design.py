@@ -1,0 +1,175 @@
+"""The skip-connection design space as one frozen value, checked when it is built.
+
+Every residual block of a network is assembled from the choices held in a `BlockDesign`
+(DESIGN.md, principle 4). Keeping them in one hashable dataclass lets the `ResNet` module
+pass them to its blocks unchanged and lets the registry route command-line overrides to
+the right place. Invalid values fail here, before any tracing or compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+BLOCKS = ('basic', 'bottleneck')
+# How the shortcut changes shape (He et al. 2016; Bag of Tricks for ResNet-D):
+# A zero-pads channels after strided subsampling, B projects only when the shape changes,
+# C always projects, D average-pools before projecting.
+SHORTCUTS = ('A', 'B', 'C', 'D')
+# What the skip path does (Identity Mappings, Table 1).
+SKIPS = ('identity', 'none', 'scale', 'exclusive_gate', 'shortcut_gate', 'conv', 'dropout')
+# Where normalisation and activation sit (Identity Mappings, Table 2 / Figure 4).
+PLACEMENTS = ('post', 'bn_after_add', 'relu_before_add', 'relu_preact', 'preact')
+PREACT_PLACEMENTS = ('preact', 'relu_preact')
+# How a branch starts: He init, zero-init of its last layer (Goyal et al.),
+# a scalar branch gain initialised at zero (SkipInit / ReZero), or Fixup.
+BRANCH_INITS = ('standard', 'zero_gamma', 'skipinit', 'fixup')
+NORMS = ('batch', 'group', 'none')
+ACTIVATIONS = {
+    'relu': nn.relu,
+    'gelu': nn.gelu,
+    'silu': nn.silu,
+    'elu': nn.elu,
+    'leaky_relu': nn.leaky_relu,
+    'tanh': nn.tanh,
+    'softplus': nn.softplus,
+}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+# Bottleneck blocks widen their output by this factor (He et al. 2016).
+BOTTLENECK_EXPANSION = 4
+
+
+def check_choice(field: str, value, allowed) -> None:
+    """Raise a ValueError naming `field`, the bad value and every allowed value."""
+    if value not in allowed:
+        raise ValueError(f'{field}={value!r} is not allowed; choose one of: '
+                         + ', '.join(repr(a) for a in allowed))
+
+
+def check_rate(field: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f'{field}={value!r} is outside the allowed range [0, 1)')
+
+
+def close_matches(word: str, candidates) -> str:
+    """A ' Did you mean ...?' suffix for error messages, or '' when nothing is close."""
+    matches = difflib.get_close_matches(word, list(candidates), n=5, cutoff=0.6)
+    return f' Did you mean: {", ".join(matches)}?' if matches else ''
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDesign:
+    """The choices that define every residual block of a network.
+
+    block: 'basic' (two 3x3 convs) or 'bottleneck' (1x1, 3x3, 1x1 with 4x expansion).
+    cardinality, base_width: grouped 3x3 convs; a bottleneck's inner width is
+      planes * base_width / 64 * cardinality (ResNeXt; base_width 128 gives Wide ResNet-50-2).
+    stride_in_1x1: put a bottleneck's stride on its first 1x1 (ResNet v1) instead of the 3x3 (v1.5).
+    shortcut: 'A' | 'B' | 'C' | 'D', the shortcut used when the shape changes (C: always).
+    skip: what the skip path does; skip_scale/branch_scale are used by 'scale',
+      gate_bias_init by the two gates, skip_dropout by 'dropout'.
+    placement: where normalisation and activation sit relative to the addition.
+    branch_init: 'standard', 'zero_gamma', 'skipinit' (= ReZero) or 'fixup'.
+    dropout_rate: dropout before the last conv of each branch (Wide ResNet).
+    drop_path_rate: stochastic depth; block l of L drops its branch with rate * l / L.
+    se_ratio: squeeze-and-excitation hidden width as a fraction of the channels (0 = off).
+    norm, norm_groups: 'batch', 'group' (with norm_groups groups) or 'none'.
+    activation: a name from ACTIVATIONS.
+    dtype: compute dtype; parameters stay float32.
+    """
+
+    block: str = 'basic'
+    cardinality: int = 1
+    base_width: int = 64
+    stride_in_1x1: bool = False
+    shortcut: str = 'B'
+    skip: str = 'identity'
+    skip_scale: float = 1.0
+    branch_scale: float = 1.0
+    gate_bias_init: float = 0.0
+    skip_dropout: float = 0.5
+    placement: str = 'post'
+    branch_init: str = 'standard'
+    dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    se_ratio: float = 0.0
+    norm: str = 'batch'
+    norm_groups: int = 32
+    activation: str = 'relu'
+    dtype: str = 'float32'
+
+    def __post_init__(self):
+        check_choice('block', self.block, BLOCKS)
+        check_choice('shortcut', self.shortcut, SHORTCUTS)
+        check_choice('skip', self.skip, SKIPS)
+        check_choice('placement', self.placement, PLACEMENTS)
+        check_choice('branch_init', self.branch_init, BRANCH_INITS)
+        check_choice('norm', self.norm, NORMS)
+        check_choice('activation', self.activation, tuple(ACTIVATIONS))
+        check_choice('dtype', self.dtype, tuple(DTYPES))
+        for field in ('dropout_rate', 'drop_path_rate', 'skip_dropout'):
+            check_rate(field, getattr(self, field))
+        for field in ('cardinality', 'base_width', 'norm_groups'):
+            if getattr(self, field) < 1:
+                raise ValueError(f'{field}={getattr(self, field)!r} must be a positive integer')
+        if self.se_ratio < 0:
+            raise ValueError(f'se_ratio={self.se_ratio!r} must be >= 0 (0 turns squeeze-and-excitation off)')
+        if self.skip != 'scale' and (self.skip_scale != 1.0 or self.branch_scale != 1.0):
+            raise ValueError(f"skip_scale/branch_scale are only used with skip='scale', not skip={self.skip!r}")
+        if self.skip not in ('exclusive_gate', 'shortcut_gate') and self.gate_bias_init != 0.0:
+            raise ValueError("gate_bias_init is only used with skip='exclusive_gate' or 'shortcut_gate', "
+                             f'not skip={self.skip!r}')
+        if self.branch_init == 'fixup' and (self.norm != 'none' or self.placement != 'post'):
+            raise ValueError("branch_init='fixup' is defined for networks without normalisation in the "
+                             f"original layout: it needs norm='none' and placement='post' "
+                             f'(got norm={self.norm!r}, placement={self.placement!r})')
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def act(self):
+        return ACTIVATIONS[self.activation]
+
+    @property
+    def preact(self) -> bool:
+        return self.placement in PREACT_PLACEMENTS
+
+    @property
+    def branch_ends_with_norm(self) -> bool:
+        """Whether a norm follows the last conv of a branch (a projection shortcut then gets one too)."""
+        return self.norm != 'none' and self.placement in ('post', 'relu_before_add', 'relu_preact')
+
+    def branch_convs(self, in_channels: int, planes: int, stride: int) -> list[tuple[int, int, int, int]]:
+        """(features, kernel size, stride, groups) of each conv in a branch, in order."""
+        if self.block == 'basic':
+            return [(planes, 3, stride, self.cardinality), (planes, 3, 1, self.cardinality)]
+        width = planes * self.base_width // 64 * self.cardinality
+        stride_1x1, stride_3x3 = (stride, 1) if self.stride_in_1x1 else (1, stride)
+        return [(width, 1, stride_1x1, 1), (width, 3, stride_3x3, self.cardinality),
+                (planes * BOTTLENECK_EXPANSION, 1, 1, 1)]
+
+    def out_channels(self, planes: int) -> int:
+        return planes * (BOTTLENECK_EXPANSION if self.block == 'bottleneck' else 1)
+
+    def check_widths(self, in_channels: int, planes: int, where: str) -> None:
+        """Fail on channel counts that grouped convs or group norm cannot split evenly."""
+        if self.block == 'bottleneck' and planes * self.base_width % 64:
+            raise ValueError(f'base_width={self.base_width} gives a fractional bottleneck width '
+                             f'{planes} * {self.base_width} / 64 in {where}; choose a base_width '
+                             f'that makes planes * base_width divisible by 64')
+        convs = self.branch_convs(in_channels, planes, 1)
+        conv_inputs = [in_channels] + [features for features, *_ in convs[:-1]]
+        for (features, _, _, groups), fan_in in zip(convs, conv_inputs):
+            if fan_in % groups or features % groups:
+                raise ValueError(f'cardinality={self.cardinality} does not divide the width of a '
+                                 f'grouped conv in {where} ({fan_in} -> {features} channels); use a '
+                                 f'cardinality that divides both')
+            if self.norm == 'group' and features % self.norm_groups:
+                raise ValueError(f'norm_groups={self.norm_groups} does not divide the {features} '
+                                 f'channels of a normalised layer in {where}; use a divisor of it')

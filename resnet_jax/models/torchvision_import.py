@@ -1,0 +1,98 @@
+"""Convert torchvision ResNet / ResNeXt / Wide ResNet weights into Flax variables.
+
+The Flax module names mirror torchvision's (`conv{i}`/`norm{i}` = `conv{i}`/`bn{i}`,
+`stage{s}_block{b}` = `layer{s}.{b}`), so the conversion is a renaming plus a transpose of
+the kernels to HWIO. Every expected key must be present with the expected shape and no key
+may be left over: a mismatch names the first offending key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax.models.resnet import ResNet
+
+# Torch keys that carry no state our model needs.
+IGNORED_KEYS = re.compile(r'.*num_batches_tracked$')
+# The design fields that must hold torchvision's values for its weights to mean the same.
+TORCHVISION_DESIGN = dict(placement='post', skip='identity', shortcut='B', norm='batch', se_ratio=0.0,
+                          stride_in_1x1=False)
+
+
+def _torch_key(path: tuple[str, ...]) -> tuple[str, str]:
+    """(torch key, kind) for a Flax variable path such as ('params', 'stage1_block0', 'conv1', 'kernel')."""
+    collection, *modules, leaf = path
+    names = []
+    for module in modules:
+        if m := re.fullmatch(r'stage(\d+)_block(\d+)', module):
+            names.append(f'layer{m[1]}.{m[2]}')
+        else:
+            names.append({'stem_conv': 'conv1', 'stem_norm': 'bn1', 'head': 'fc', 'shortcut_conv': 'downsample.0',
+                          'shortcut_norm': 'downsample.1'}.get(module, re.sub(r'^norm', 'bn', module)))
+    torch_leaf = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight', ('params', 'bias'): 'bias',
+                  ('batch_stats', 'mean'): 'running_mean', ('batch_stats', 'var'): 'running_var'}[(collection, leaf)]
+    kind = 'dense' if modules[-1] == 'head' and leaf == 'kernel' else 'conv' if leaf == 'kernel' else 'vector'
+    return '.'.join(names + [torch_leaf]), kind
+
+
+def _to_flax(value: np.ndarray, kind: str) -> np.ndarray:
+    if kind == 'conv':
+        return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    if kind == 'dense':
+        return value.T
+    return value
+
+
+def _as_numpy(value) -> np.ndarray:
+    if hasattr(value, 'detach'):  # a torch tensor; torch itself is never imported here
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def from_torchvision(state_dict: Mapping[str, object], model: ResNet) -> dict:
+    """Flax variables {'params', 'batch_stats'} for `model` from a torchvision `state_dict`."""
+    mismatched = {k: v for k, v in TORCHVISION_DESIGN.items() if getattr(model.design, k) != v}
+    if model.stem != 'imagenet' or mismatched:
+        raise ValueError('torchvision weights fit only the post-activation ImageNet layout '
+                         f'(stem=imagenet, {TORCHVISION_DESIGN}); this model differs in '
+                         f'{mismatched or {"stem": model.stem}}')
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    state_dict = {k: v for k, v in state_dict.items() if not IGNORED_KEYS.match(k)}
+    used = set()
+
+    def convert(path, target):
+        names = tuple(getattr(p, 'key', p) for p in path)
+        key, kind = _torch_key(names)
+        if key not in state_dict:
+            raise ValueError(f'state_dict has no key {key!r} (needed for {"/".join(names)}, shape '
+                             f'{tuple(target.shape)}); is it a checkpoint of this architecture?')
+        value = _to_flax(_as_numpy(state_dict[key]), kind)
+        if value.shape != target.shape:
+            raise ValueError(f'shape mismatch at {key!r}: state_dict has {tuple(_as_numpy(state_dict[key]).shape)}, '
+                             f'the model needs {tuple(target.shape)} (as {tuple(target.shape)} in HWIO/flax '
+                             f'layout for {"/".join(names)})')
+        used.add(key)
+        return jnp.asarray(value, dtype=target.dtype)
+
+    variables = jax.tree_util.tree_map_with_path(convert, dict(shapes))
+    unused = sorted(set(state_dict) - used)
+    if unused:
+        raise ValueError(f'state_dict key {unused[0]!r} (shape {tuple(_as_numpy(state_dict[unused[0]]).shape)}) '
+                         f'has no place in this model ({len(unused)} unused keys in all)')
+    return variables
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a torchvision checkpoint safely: safetensors, or torch.load with weights_only=True."""
+    path = os.fspath(path)
+    if path.endswith('.safetensors'):
+        from safetensors.numpy import load_file
+        return load_file(path)
+    import torch  # only needed for .pth files
+    return {k: v.numpy() for k, v in torch.load(path, map_location='cpu', weights_only=True).items()}
