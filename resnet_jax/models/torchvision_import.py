@@ -49,6 +49,13 @@ def _to_flax(value: np.ndarray, kind: str) -> np.ndarray:
     return value
 
 
+def _torch_shape(flax_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    """The shape torch stores for a variable of `flax_shape` (the inverse of `_to_flax`)."""
+    if kind == 'conv':
+        return tuple(flax_shape[i] for i in (3, 2, 0, 1))
+    return tuple(reversed(flax_shape)) if kind == 'dense' else tuple(flax_shape)
+
+
 def _as_numpy(value) -> np.ndarray:
     if hasattr(value, 'detach'):  # a torch tensor; torch itself is never imported here
         value = value.detach().cpu().numpy()
@@ -72,13 +79,13 @@ def from_torchvision(state_dict: Mapping[str, object], model: ResNet) -> dict:
         if key not in state_dict:
             raise ValueError(f'state_dict has no key {key!r} (needed for {"/".join(names)}, shape '
                              f'{tuple(target.shape)}); is it a checkpoint of this architecture?')
-        value = _to_flax(_as_numpy(state_dict[key]), kind)
-        if value.shape != target.shape:
-            raise ValueError(f'shape mismatch at {key!r}: state_dict has {tuple(_as_numpy(state_dict[key]).shape)}, '
-                             f'the model needs {tuple(target.shape)} (as {tuple(target.shape)} in HWIO/flax '
-                             f'layout for {"/".join(names)})')
+        value = _as_numpy(state_dict[key])
+        expected = _torch_shape(target.shape, kind)
+        if value.shape != expected:
+            raise ValueError(f'shape mismatch at {key!r}: state_dict has {value.shape}, the model needs '
+                             f'{expected} (stored as {tuple(target.shape)} at {"/".join(names)})')
         used.add(key)
-        return jnp.asarray(value, dtype=target.dtype)
+        return jnp.asarray(_to_flax(value, kind), dtype=target.dtype)
 
     variables = jax.tree_util.tree_map_with_path(convert, dict(shapes))
     unused = sorted(set(state_dict) - used)

@@ -1,0 +1,63 @@
+"""Parameter and multiply-accumulate counts of the presets, as the README's table.
+
+    python -m resnet_jax.models.summary            # Markdown table of every preset, by family
+    python -m resnet_jax.models.summary resnet50   # only the named presets
+
+MACs are counted the way torchvision reports GMACs: every conv and linear layer, one
+multiply-add per weight per output position, for one image at the preset's native
+resolution. Shapes come from `jax.eval_shape`, so nothing is computed or allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnet_jax.models.registry import PRESETS, get_model, native_resolution
+from resnet_jax.models.resnet import ResNet, param_count
+
+
+def count_macs(model: ResNet, resolution: int) -> int:
+    """Multiply-accumulates of convs and dense layers for one `resolution`-square image."""
+    macs = 0
+
+    def count(next_fun, args, kwargs, context):
+        nonlocal macs
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name == '__call__' and isinstance(module, (nn.Conv, nn.Dense)):
+            fan_in = args[0].shape[-1]
+            if isinstance(module, nn.Conv):
+                fan_in = math.prod(module.kernel_size) * fan_in // module.feature_group_count
+            macs += math.prod(out.shape) * fan_in
+        return out
+
+    x = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    with nn.intercept_methods(count):
+        jax.eval_shape(model.apply, variables, x)
+    return macs
+
+
+def table(names: list[str]) -> str:
+    rows = ['| model | parameters | GMACs | input |', '|---|---:|---:|---:|']
+    for name in names:
+        model = get_model(name)
+        resolution = native_resolution(model)
+        x = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+        params = param_count(jax.eval_shape(model.init, jax.random.key(0), x)['params'])
+        gmacs = count_macs(model, resolution) / 1e9
+        rows.append(f'| {name} | {params:,} | {gmacs:.3f} | {resolution}x{resolution} |')
+    return '\n'.join(rows)
+
+
+def main(argv: list[str]) -> None:
+    print(table(argv or list(PRESETS)))
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,137 @@
+"""An independent PyTorch ResNet / ResNeXt / Wide ResNet, used only as a test oracle.
+
+torchvision is not importable in the test environment, so this rebuilds its ImageNet ResNets
+from `torch.nn` alone. Module and parameter names follow torchvision's checkpoint layout
+(conv1, bn1, layer{s}.{b}.conv{i}/bn{i}/downsample.{0,1}, fc) so that `state_dict()` is what
+`from_torchvision` expects from a real torchvision checkpoint. Bottlenecks put the stride on
+the 3x3 conv (ResNet v1.5), as torchvision does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    """Bias-free conv with the symmetric (k - 1) / 2 padding whose even-size behaviour we test."""
+    return nn.Conv2d(cin, cout, kernel, stride, padding=(kernel - 1) // 2, groups=groups, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs; the stride sits on the first."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int, downsample: nn.Module | None,
+                 groups: int = 1, width_per_group: int = 64):
+        super().__init__()
+        if groups != 1 or width_per_group != 64:
+            raise ValueError('basic blocks have no grouped or widened variant in torchvision')
+        self.conv1, self.bn1 = _conv(cin, planes, 3, stride), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = _conv(planes, planes, 3), nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        h = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(h)) + shortcut)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, grouped 3x3 carrying the stride (v1.5), 1x1 expand by 4."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int, downsample: nn.Module | None,
+                 groups: int = 1, width_per_group: int = 64):
+        super().__init__()
+        width = int(planes * width_per_group / 64) * groups
+        self.conv1, self.bn1 = _conv(cin, width, 1), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = _conv(width, width, 3, stride, groups), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = _conv(width, planes * 4, 1), nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        h = self.relu(self.bn1(self.conv1(x)))
+        h = self.relu(self.bn2(self.conv2(h)))
+        return self.relu(self.bn3(self.conv3(h)) + shortcut)
+
+
+class ReferenceResNet(nn.Module):
+    """7x7/2 stem + 3x3/2 max pool, four stages (the first at stride 1), average pool, fc."""
+
+    def __init__(self, block: type, layers: tuple[int, ...], num_classes: int = 1000,
+                 groups: int = 1, width_per_group: int = 64):
+        super().__init__()
+        self.conv1, self.bn1 = _conv(3, 64, 7, 2), nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, padding=1)
+        cin = 64
+        for s, (n, planes) in enumerate(zip(layers, (64, 128, 256, 512)), start=1):
+            blocks = []
+            for b in range(n):
+                stride = 2 if s > 1 and b == 0 else 1
+                cout = planes * block.expansion
+                # Projection only where the shape changes (option B).
+                down = (nn.Sequential(_conv(cin, cout, 1, stride), nn.BatchNorm2d(cout))
+                        if stride != 1 or cin != cout else None)
+                blocks.append(block(cin, planes, stride, down, groups, width_per_group))
+                cin = cout
+            setattr(self, f'layer{s}', nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+# torchvision's layer counts and block shapes: (block, layers, groups, width_per_group).
+CONFIGS = {
+    'resnet18': (BasicBlock, (2, 2, 2, 2), 1, 64),
+    'resnet34': (BasicBlock, (3, 4, 6, 3), 1, 64),
+    'resnet50': (Bottleneck, (3, 4, 6, 3), 1, 64),
+    'resnet101': (Bottleneck, (3, 4, 23, 3), 1, 64),
+    'resnext50_32x4d': (Bottleneck, (3, 4, 6, 3), 32, 4),
+    'wide_resnet50_2': (Bottleneck, (3, 4, 6, 3), 1, 128),
+}
+
+
+def reference_resnet(name: str, num_classes: int = 1000) -> nn.Module:
+    """The torchvision-named reference for `name` (a key of CONFIGS), in eval mode."""
+    block, layers, groups, width = CONFIGS[name]
+    return ReferenceResNet(block, layers, num_classes, groups, width).eval()
+
+
+@torch.no_grad()
+def randomize_(module: nn.Module, seed: int) -> nn.Module:
+    """Give every parameter and BatchNorm statistic a random value, in place.
+
+    With default init (BN weight 1, bias 0, mean 0, var 1) a mistake such as swapping scale
+    and bias, or mean and variance, would go unnoticed; random values make each one count.
+    Conv weights are He-scaled and BN gains stay near 1 so activations stay O(1) through
+    the depth and the logits are informative rather than huge or zero.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(shape, low, high):
+        return torch.rand(shape, generator=g) * (high - low) + low
+
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_in = m.weight[0].numel()
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.weight.copy_(rand(m.weight.shape, 0.5, 1.5))
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
+            m.running_var.copy_(rand(m.running_var.shape, 0.5, 2.0))
+        elif isinstance(m, nn.Linear):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features ** 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return module
