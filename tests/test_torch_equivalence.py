@@ -131,9 +131,12 @@ def test_extra_key_is_named():
         from_torchvision(state, get_model('resnet18'))
 
 
-def test_preact_model_is_refused():
-    with pytest.raises(ValueError, match='placement'):
-        from_torchvision(_state_dict('resnet18'), get_model('resnet18', placement='preact'))
+@pytest.mark.parametrize('overrides', [dict(placement='preact'), dict(branch_init='skipinit'),
+                                       dict(activation='gelu'), dict(stem='deep')])
+def test_models_whose_layout_differs_from_torchvisions_are_refused(overrides):
+    field, value = next(iter(overrides.items()))
+    with pytest.raises(ValueError, match=rf"this model has {{'{field}': '{value}'}}"):
+        from_torchvision(_state_dict('resnet18'), get_model('resnet18', **overrides))
 
 
 def test_load_state_dict_round_trips(tmp_path):

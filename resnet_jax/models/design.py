@@ -145,7 +145,7 @@ class BlockDesign:
         """Whether a norm follows the last conv of a branch (a projection shortcut then gets one too)."""
         return self.norm != 'none' and self.placement in ('post', 'relu_before_add', 'relu_preact')
 
-    def branch_convs(self, in_channels: int, planes: int, stride: int) -> list[tuple[int, int, int, int]]:
+    def branch_convs(self, planes: int, stride: int) -> list[tuple[int, int, int, int]]:
         """(features, kernel size, stride, groups) of each conv in a branch, in order."""
         if self.block == 'basic':
             return [(planes, 3, stride, self.cardinality), (planes, 3, 1, self.cardinality)]
@@ -163,7 +163,7 @@ class BlockDesign:
             raise ValueError(f'base_width={self.base_width} gives a fractional bottleneck width '
                              f'{planes} * {self.base_width} / 64 in {where}; choose a base_width '
                              f'that makes planes * base_width divisible by 64')
-        convs = self.branch_convs(in_channels, planes, 1)
+        convs = self.branch_convs(planes, 1)
         conv_inputs = [in_channels] + [features for features, *_ in convs[:-1]]
         for (features, _, _, groups), fan_in in zip(convs, conv_inputs):
             if fan_in % groups or features % groups:

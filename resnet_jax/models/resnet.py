@@ -90,7 +90,7 @@ class ResidualBlock(nn.Module):
     def __call__(self, x, train: bool = False):
         d = self.design
         dtype, act = d.compute_dtype, d.act
-        convs = d.branch_convs(x.shape[-1], self.planes, self.stride)
+        convs = d.branch_convs(self.planes, self.stride)
         n = len(convs)
         out_features = convs[-1][0]
         fixup = d.branch_init == 'fixup'

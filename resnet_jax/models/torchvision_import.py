@@ -20,9 +20,10 @@ from resnet_jax.models.resnet import ResNet
 
 # Torch keys that carry no state our model needs.
 IGNORED_KEYS = re.compile(r'.*num_batches_tracked$')
-# The design fields that must hold torchvision's values for its weights to mean the same.
-TORCHVISION_DESIGN = dict(placement='post', skip='identity', shortcut='B', norm='batch', se_ratio=0.0,
-                          stride_in_1x1=False)
+# The design values under which torchvision's weights compute what they computed there.
+TORCHVISION_DESIGN = dict(placement=('post',), skip=('identity',), shortcut=('B',), norm=('batch',),
+                          se_ratio=(0.0,), stride_in_1x1=(False,), activation=('relu',),
+                          branch_init=('standard', 'zero_gamma'))
 
 
 def _torch_key(path: tuple[str, ...]) -> tuple[str, str]:
@@ -64,11 +65,13 @@ def _as_numpy(value) -> np.ndarray:
 
 def from_torchvision(state_dict: Mapping[str, object], model: ResNet) -> dict:
     """Flax variables {'params', 'batch_stats'} for `model` from a torchvision `state_dict`."""
-    mismatched = {k: v for k, v in TORCHVISION_DESIGN.items() if getattr(model.design, k) != v}
-    if model.stem != 'imagenet' or mismatched:
-        raise ValueError('torchvision weights fit only the post-activation ImageNet layout '
-                         f'(stem=imagenet, {TORCHVISION_DESIGN}); this model differs in '
-                         f'{mismatched or {"stem": model.stem}}')
+    mismatched = {k: getattr(model.design, k) for k, allowed in TORCHVISION_DESIGN.items()
+                  if getattr(model.design, k) not in allowed}
+    if model.stem != 'imagenet':
+        mismatched['stem'] = model.stem
+    if mismatched:
+        raise ValueError(f'torchvision weights fit only the ImageNet layout they were trained in (stem '
+                         f"'imagenet', design fields among {TORCHVISION_DESIGN}); this model has {mismatched}")
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     state_dict = {k: v for k, v in state_dict.items() if not IGNORED_KEYS.match(k)}
     used = set()
