@@ -1,0 +1,1 @@
+"""Input data: in-memory image datasets, the generated quickstart set, batch order."""

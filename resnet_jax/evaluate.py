@@ -1,0 +1,54 @@
+"""python -m resnet_jax.evaluate --workdir=<run> [--step=N]: evaluate a run's checkpoint.
+
+Rebuilds the run from the config it recorded, restores the newest checkpoint (or --step),
+evaluates the whole evaluation split (padded and masked, never truncated) and prints the
+metrics as JSON; they are also appended to the run's metrics.jsonl as 'evaluate/*'.
+"""
+
+import json
+import os
+
+import jax
+from absl import app, flags
+
+from resnet_jax import checkpoint, distributed
+from resnet_jax.train import config as config_lib
+from resnet_jax.train import metrics as metrics_lib
+from resnet_jax.train.loop import Run
+
+WORKDIR = flags.DEFINE_string('workdir', None, 'the run directory written by python -m resnet_jax.train')
+STEP = flags.DEFINE_integer('step', None, 'checkpoint step to evaluate (default: the newest)')
+flags.mark_flags_as_required(['workdir'])
+
+
+def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, float]:
+    if not os.path.exists(os.path.join(workdir, 'config.json')):
+        raise FileNotFoundError(f'{workdir} has no config.json: is it a resnet_jax.train workdir?')
+    config = config_lib.load_resolved(workdir)
+    run = Run(config, workdir)
+    manager = checkpoint.Manager(os.path.join(workdir, 'checkpoints'), config)
+    state = manager.restore(run.abstract_state, step)
+    if state is None:
+        raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint'
+                                + (f' at step {step}' if step is not None else ''))
+    results = run.evaluate(state)
+    if config.optim.ema_decay:
+        results.update(run.evaluate(state, use_ema=True))
+    results = {k.replace('eval', 'evaluate', 1): v for k, v in results.items()}
+    with metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer:
+        writer.write(int(jax.device_get(state.step)), results)
+    manager.close()
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    distributed.initialize_from_flags()
+    results = evaluate_workdir(WORKDIR.value, STEP.value)
+    if jax.process_index() == 0:
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == '__main__':
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Training: configs, optimizers, sharding, the pure steps, the loop and its metrics."""

@@ -1,0 +1,22 @@
+"""python -m resnet_jax.train --config=experiments/quickstart.py --workdir=/tmp/run [--config.a.b=v]"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from resnet_jax import distributed
+from resnet_jax.train.loop import train_and_evaluate
+
+CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file, e.g. experiments/cifar10.py:resnet56')
+WORKDIR = flags.DEFINE_string('workdir', None, 'where the run keeps its config, metrics, checkpoints and plots')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    distributed.initialize_from_flags()
+    train_and_evaluate(CONFIG.value, WORKDIR.value)
+
+
+if __name__ == '__main__':
+    app.run(main)

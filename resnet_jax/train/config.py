@@ -1,0 +1,221 @@
+"""The config tree of a run: defaults, derived values, and the checks made before compiling.
+
+Experiment files under `experiments/` start from `base_config()` and change what their study
+needs. Every field exists in the base (model overrides as typed placeholders), so the
+command line can override any of them and an unknown or ill-typed one fails at parse time.
+`validate(config, num_devices)` then refuses impossible combinations with a message naming
+the field and what is allowed, before any data is loaded or anything is traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+from resnet_jax.models.design import BlockDesign, check_choice
+from resnet_jax.models.registry import PRESETS, close_matches, get_model
+
+OPTIMIZERS = ('sgd', 'lars', 'adamw')
+SCHEDULES = ('piecewise', 'cosine', 'constant')
+WARMUPS = ('linear', 'constant')
+DECAY_TYPES = ('l2', 'decoupled')
+AUGMENTATIONS = ('none', 'cifar')
+PARAM_RULES = ('replicate', 'fsdp')
+# Fields a resumed run may change without changing what it computes.
+SAFE_TO_CHANGE = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'progress_seconds',
+                  'peak_tflops_per_device', 'num_steps', 'num_epochs')
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and what is allowed."""
+
+
+def _model_section() -> ml_collections.ConfigDict:
+    """model.name plus every ResNet/BlockDesign field as an unset, typed override."""
+    model = ml_collections.ConfigDict({'name': 'resnet20'})
+    for field in dataclasses.fields(BlockDesign):
+        model[field.name] = config_dict.placeholder(type(field.default))
+    model.num_classes = config_dict.placeholder(int)
+    model.stage_sizes = config_dict.placeholder(tuple)
+    model.widths = config_dict.placeholder(tuple)
+    model.stem = config_dict.placeholder(str)
+    model.stem_width = config_dict.placeholder(int)
+    model.width_multiplier = config_dict.placeholder(int)
+    return model
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = _model_section()
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = 'shapes'          # 'shapes', 'synthetic', 'folder:<path>'
+    c.data.image_size = 32
+    c.data.train_split = 'train'
+    c.data.eval_split = 'test'
+    c.data.augment = 'cifar'           # pad 4 + random crop + flip, on device
+    c.data.num_train = 10_000          # sizes of the generated 'shapes' and 'synthetic' sets
+    c.data.num_eval = 2_000
+
+    c.batch_size = 128                 # global, over all processes and devices
+    c.eval_batch_size = 500
+    c.num_steps = config_dict.placeholder(int)
+    c.num_epochs = config_dict.placeholder(float)
+    c.seed = 0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = 'sgd'
+    c.optim.lr = 0.1                   # at batch 256 when scale_lr_by_batch, else as given
+    c.optim.scale_lr_by_batch = False  # Goyal et al.: lr = lr * batch_size / 256
+    c.optim.momentum = 0.9
+    c.optim.nesterov = False
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.lars_trust_coefficient = 0.001
+    c.optim.weight_decay = 1e-4
+    c.optim.decay_type = 'l2'          # 'l2': added to the gradient as in the papers; 'decoupled'
+    c.optim.decay_norm_and_bias = True # False excludes norm scales/biases, biases and scalars
+    c.optim.schedule = 'piecewise'
+    c.optim.boundaries = ()            # steps where piecewise multiplies lr by decay_factor
+    c.optim.boundary_epochs = ()       # the same in epochs (the papers' units); use one of the two
+    c.optim.decay_factor = 0.1
+    c.optim.warmup_steps = 0
+    c.optim.warmup_epochs = 0.0
+    c.optim.warmup = 'linear'          # 'linear' from 0, or 'constant' at lr * warmup_factor (ResNet-110)
+    c.optim.warmup_factor = 0.1
+    c.optim.label_smoothing = 0.0
+    c.optim.grad_clip_norm = 0.0       # 0 = off
+    c.optim.ema_decay = 0.0            # 0 = off; else EMA parameters are evaluated as 'ema_eval/*'
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                   # -1: every device not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.param_rules = (('.*', 'replicate'),)  # (regex on 'a/b/kernel', 'replicate'|'fsdp'), first match
+    c.mesh.fsdp_min_size = 2 ** 14     # smaller parameters stay replicated under 'fsdp'
+
+    c.log_every_steps = 50
+    c.progress_seconds = 5.0
+    c.eval_every_steps = 1000
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.peak_tflops_per_device = config_dict.placeholder(float)  # overrides the device table for MFU
+    return c
+
+
+def model_overrides(config) -> dict:
+    """The model fields that a config sets, for `get_model(config.model.name, **overrides)`."""
+    return {k: v for k, v in config.model.items() if k != 'name' and v is not None}
+
+
+def _fail(field: str, message: str):
+    raise ConfigError(f'config.{field}: {message}')
+
+
+def steps_per_epoch(config, num_train: int) -> float:
+    return num_train / config.batch_size
+
+
+def total_steps(config, num_train: int) -> int:
+    if config.num_steps is not None:
+        return config.num_steps
+    return max(1, round(config.num_epochs * steps_per_epoch(config, num_train)))
+
+
+def validate(config, num_devices: int, num_train: int | None = None) -> None:
+    """Refuse a config that cannot run on `num_devices` devices; cheap, before any tracing."""
+    if config.model.name not in PRESETS:
+        _fail('model.name', f'unknown model {config.model.name!r}.{close_matches(config.model.name, PRESETS)}'
+                            ' Run python -m resnet_jax.models.summary for the list.')
+    try:
+        get_model(config.model.name, **model_overrides(config))
+    except ValueError as e:
+        _fail('model', str(e))
+
+    _check_choice('optim.name', config.optim.name, OPTIMIZERS)
+    _check_choice('optim.schedule', config.optim.schedule, SCHEDULES)
+    _check_choice('optim.warmup', config.optim.warmup, WARMUPS)
+    _check_choice('optim.decay_type', config.optim.decay_type, DECAY_TYPES)
+    _check_choice('data.augment', config.data.augment, AUGMENTATIONS)
+    for pattern, rule in config.mesh.param_rules:
+        _check_choice('mesh.param_rules', rule, PARAM_RULES)
+
+    if (config.num_steps is None) == (config.num_epochs is None):
+        _fail('num_steps', 'set exactly one of num_steps and num_epochs '
+                           f'(got num_steps={config.num_steps}, num_epochs={config.num_epochs})')
+    for field in ('batch_size', 'eval_batch_size', 'log_every_steps', 'eval_every_steps',
+                  'checkpoint_every_steps', 'keep_checkpoints'):
+        if config[field] < 1:
+            _fail(field, f'must be a positive integer, got {config[field]}')
+    if (config.num_steps or 1) < 1 or (config.num_epochs or 1) <= 0:
+        _fail('num_steps', 'training length must be positive')
+    if config.optim.boundaries and config.optim.boundary_epochs:
+        _fail('optim.boundaries', 'give schedule boundaries in steps or in epochs (optim.boundary_epochs), not both')
+    if config.optim.warmup_steps and config.optim.warmup_epochs:
+        _fail('optim.warmup_steps', 'give the warm-up in steps or in epochs (optim.warmup_epochs), not both')
+
+    fsdp, data = config.mesh.fsdp, config.mesh.data
+    if fsdp < 1 or num_devices % fsdp:
+        _fail('mesh.fsdp', f'{fsdp} must be a positive divisor of the {num_devices} devices')
+    data = num_devices // fsdp if data == -1 else data
+    if data < 1 or data * fsdp != num_devices:
+        _fail('mesh.data', f'mesh data={config.mesh.data} x fsdp={fsdp} does not fit the {num_devices} '
+                           f'devices; use data=-1 or data={num_devices // fsdp}')
+    shards = data * fsdp
+    for field in ('batch_size', 'eval_batch_size'):
+        if config[field] % shards:
+            _fail(field, f'{config[field]} is not divisible by the {shards} data shards '
+                         f'(mesh data={data} x fsdp={fsdp}); use a multiple of {shards}')
+
+    if num_train is not None:
+        steps, per_epoch = total_steps(config, num_train), steps_per_epoch(config, num_train)
+        boundaries = list(config.optim.boundaries) or [e * per_epoch for e in config.optim.boundary_epochs]
+        for b in boundaries:
+            if not 0 < b < steps:
+                _fail('optim.boundaries', f'boundary at step {b:g} is outside the run (1..{steps - 1}); '
+                                          f'training has {steps} steps')
+        warmup = config.optim.warmup_steps or config.optim.warmup_epochs * per_epoch
+        if warmup >= steps:
+            _fail('optim.warmup_steps', f'warm-up of {warmup:g} steps does not end before the {steps} training steps')
+
+
+def _check_choice(field, value, allowed):
+    try:
+        check_choice(field.split('.')[-1], value, allowed)
+    except ValueError as e:
+        raise ConfigError(f'config.{field}: {e}') from None
+
+
+def to_json(config) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def write_resolved(config, workdir: str) -> str:
+    path = os.path.join(workdir, 'config.json')
+    with open(path, 'w') as f:
+        f.write(to_json(config))
+    return path
+
+
+def load_resolved(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run recorded, with tuples restored, for evaluation and resume."""
+    with open(os.path.join(workdir, 'config.json')) as f:
+        raw = json.load(f)
+    config = base_config()
+    _update(config, raw)
+    return config
+
+
+def _update(config, raw: dict, prefix: str = '') -> None:
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            _update(config[key], value, f'{prefix}{key}.')
+        elif isinstance(value, list):
+            config[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        else:
+            config[key] = value
+

@@ -1,0 +1,66 @@
+"""The device mesh and how arrays are laid out on it: one sharding path for every scale.
+
+The mesh has a 'data' and an 'fsdp' axis. A batch is split over both (every device sees
+different examples); parameters and optimizer state are replicated, or, for the paths the
+config's rules mark 'fsdp', split along their largest dimension that the 'fsdp' axis
+divides. Under `jax.jit` on such global arrays, BatchNorm statistics are those of the
+global batch with no collective written by hand.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ('data', 'fsdp')
+
+
+def make_mesh(config, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    fsdp = config.mesh.fsdp
+    data = len(devices) // fsdp if config.mesh.data == -1 else config.mesh.data
+    return Mesh(np.asarray(devices).reshape(data, fsdp), ('data', 'fsdp'))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _path_name(path) -> str:
+    return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
+def param_spec(name: str, shape: tuple[int, ...], rules, fsdp_size: int, min_size: int) -> P:
+    """The PartitionSpec the first matching rule gives a parameter called `name`."""
+    rule = next((r for pattern, r in rules if re.fullmatch(pattern, name)), 'replicate')
+    if rule == 'replicate' or fsdp_size == 1 or int(np.prod(shape)) < min_size:
+        return P()
+    divisible = [d for d in range(len(shape)) if shape[d] % fsdp_size == 0]
+    if not divisible:
+        return P()
+    axis = max(divisible, key=lambda d: shape[d])
+    return P(*[('fsdp' if d == axis else None) for d in range(len(shape))])
+
+
+def state_shardings(mesh: Mesh, state_shapes, config):
+    """A NamedSharding for every leaf of the train state (shapes from jax.eval_shape)."""
+    fsdp = mesh.shape['fsdp']
+
+    def leaf(path, x):
+        spec = param_spec(_path_name(path), x.shape, config.mesh.param_rules, fsdp, config.mesh.fsdp_min_size)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(leaf, state_shapes)
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble this process's slice of the global batch into global arrays on the mesh."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

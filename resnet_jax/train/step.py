@@ -1,0 +1,121 @@
+"""The train state and the pure train and eval steps.
+
+`train_step(state, batch, rng) -> (state, metrics)` and `eval_step(state, batch)` are plain
+functions of arrays; `compile_steps` wraps them in `jax.jit` with the mesh's shardings and
+donates the state. Every random draw of step t (augmentation, dropout, drop-path) comes from
+`fold_in(rng, t)`, so a run is a function of its seed and the data order alone.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from resnet_jax.train import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any  # None unless optim.ema_decay > 0
+
+
+def create_state(model, optimizer, rng, image_size: int, ema: bool) -> TrainState:
+    variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+    params = variables['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats', {}), opt_state=optimizer.init(params),
+                      ema_params=params if ema else None)
+
+
+def normalize(images, mean, std):
+    """uint8 NHWC images to float32, standardised per channel."""
+    return (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean)) / jnp.asarray(std)
+
+
+def cifar_augment(rng, images, pad: int = 4):
+    """He et al.'s CIFAR augmentation: zero-pad by 4, random crop back, random horizontal flip."""
+    n, h, w, _ = images.shape
+    crop_rng, flip_rng = jax.random.split(rng)
+    offsets = jax.random.randint(crop_rng, (n, 2), 0, 2 * pad + 1)
+    flips = jax.random.bernoulli(flip_rng, 0.5, (n,))
+    padded = jnp.pad(images, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
+
+    def one(image, offset, flip):
+        crop = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, image.shape[-1]))
+        return jnp.where(flip, crop[:, ::-1], crop)
+
+    return jax.vmap(one)(padded, offsets, flips)
+
+
+def cross_entropy(logits, labels, num_classes: int, smoothing: float = 0.0):
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) if smoothing else (
+        jax.nn.one_hot(labels, num_classes))
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def topk_correct(logits, labels, k: int):
+    """1.0 where the label is among the k largest logits."""
+    topk = jax.lax.top_k(logits, k)[1]
+    return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def train_step(state: TrainState, batch, rng, *, model, optimizer, config, mean, std):
+    step_rng = jax.random.fold_in(rng, state.step)
+    augment_rng, dropout_rng = jax.random.split(step_rng)
+    images = batch['image']
+    if config.data.augment == 'cifar':
+        images = cifar_augment(augment_rng, images)
+    x = normalize(images, mean, std)
+
+    def loss_fn(params):
+        logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, x, train=True,
+                                      mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+        loss = cross_entropy(logits, batch['label'], model.num_classes, config.optim.label_smoothing).mean()
+        return loss, (logits, updates.get('batch_stats', {}))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+        decay = config.optim.ema_decay
+        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+    metrics = {'train/loss': loss, 'train/top1': topk_correct(logits, batch['label'], 1).mean(),
+               'train/grad_norm': optax.global_norm(grads)}
+    return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                      ema_params=ema), metrics
+
+
+def eval_step(state: TrainState, batch, use_ema: bool = False, *, model, mean, std):
+    """Sums over the real examples of a batch; padding rows carry mask 0 and count for nothing."""
+    params = state.ema_params if use_ema else state.params
+    logits = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                         normalize(batch['image'], mean, std), train=False)
+    labels, mask = batch['label'], batch['mask']
+    k = min(5, logits.shape[-1])
+    return {'loss': (cross_entropy(logits, labels, model.num_classes) * mask).sum(),
+            'top1': (topk_correct(logits, labels, 1) * mask).sum(),
+            'top5': (topk_correct(logits, labels, k) * mask).sum(),
+            'count': mask.sum()}
+
+
+def compile_steps(model, optimizer, config, mesh, state_shapes, mean, std):
+    """jit-compiled (train_step, eval_step, state shardings) over `mesh`; the state is donated."""
+    state_sharding = sharding.state_shardings(mesh, state_shapes, config)
+    data, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    train = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer, config=config,
+                                      mean=mean, std=std),
+                    in_shardings=(state_sharding, data, repl), out_shardings=(state_sharding, repl),
+                    donate_argnums=0)
+    evaluate = jax.jit(functools.partial(eval_step, model=model, mean=mean, std=std),
+                       in_shardings=(state_sharding, data), out_shardings=repl, static_argnums=2)
+    return train, evaluate, state_sharding
