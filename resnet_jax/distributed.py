@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 import jax
-from absl import flags
+from absl import flags, logging
 
 COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for explicit multi-process runs')
 NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes in an explicit multi-process run')
@@ -33,6 +33,15 @@ def initialize_from_flags() -> None:
     if COORDINATOR.value:
         if NUM_PROCESSES.value is None or PROCESS_ID.value is None:
             raise ValueError('--coordinator_address needs --num_processes and --process_id')
+        # Said before initialize: when the coordinator cannot be reached or a peer dies, JAX ends
+        # the process from C++ (SIGABRT, 'DEADLINE_EXCEEDED ... RegisterTask' or 'heartbeat
+        # timeout'), and this line says which run, address and limits that was about.
+        logging.info('process %d of %d: joining the run coordinated at %s (waiting at most %d s for '
+                     'every process; a process silent for %d s stops the run)', PROCESS_ID.value,
+                     NUM_PROCESSES.value, COORDINATOR.value, INIT_TIMEOUT.value, HEARTBEAT_TIMEOUT.value)
         jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value, **timeouts)
     elif DISTRIBUTED.value or (DISTRIBUTED.value is None and slurm_multi_task()):
+        logging.info('joining an auto-detected multi-process run (waiting at most %d s for every '
+                     'process; a process silent for %d s stops the run)', INIT_TIMEOUT.value,
+                     HEARTBEAT_TIMEOUT.value)
         jax.distributed.initialize(**timeouts)

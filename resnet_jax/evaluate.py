@@ -25,7 +25,7 @@ def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, float]:
     if not os.path.exists(os.path.join(workdir, 'config.json')):
         raise FileNotFoundError(f'{workdir} has no config.json: is it a resnet_jax.train workdir?')
     config = config_lib.load_resolved(workdir)
-    run = Run(config, workdir)
+    run = Run(config)
     manager = checkpoint.Manager(os.path.join(workdir, 'checkpoints'), config)
     state = manager.restore(run.abstract_state, step)
     if state is None:

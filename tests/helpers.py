@@ -30,3 +30,33 @@ def sown(model, variables, x, train=False, rngs=None):
 
 def images(shape, seed=0):
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def tiny_config(**overrides):
+    """A ResNet-8 of width 8 on 8x8 'shapes' images: a real run that compiles in seconds."""
+    from pathlib import Path
+
+    from resnet_jax.train.config import from_file
+
+    c = from_file(str(Path(__file__).parents[1] / 'experiments' / 'quickstart.py'))
+    c.model.stage_sizes = (1, 1, 1)
+    c.model.widths = (8, 16, 32)
+    c.model.stem_width = 8
+    c.data.image_size = 8
+    c.data.num_train = 512
+    c.data.num_eval = 103
+    c.batch_size = 32
+    c.eval_batch_size = 24
+    c.num_steps = 8
+    c.optim.warmup_steps = 2
+    c.log_every_steps = 4
+    c.eval_every_steps = 8
+    c.checkpoint_every_steps = 8
+    c.progress_seconds = 0.0
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split('.')
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c

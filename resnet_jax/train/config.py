@@ -10,8 +10,10 @@ the field and what is allowed, before any data is loaded or anything is traced.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
+import re
 
 import ml_collections
 from ml_collections import config_dict
@@ -104,7 +106,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.peak_tflops_per_device = config_dict.placeholder(float)  # overrides the device table for MFU
+    c.lock()  # experiment files and the command line may change fields, never invent them
     return c
+
+
+def from_file(spec: str) -> ml_collections.ConfigDict:
+    """The config named by 'path/to/file.py[:arg]', loaded as --config=... loads it."""
+    path, _, arg = spec.partition(':')
+    module_spec = importlib.util.spec_from_file_location(f'_config_{abs(hash(path))}', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def model_overrides(config) -> dict:
@@ -126,6 +138,13 @@ def total_steps(config, num_train: int) -> int:
     return max(1, round(config.num_epochs * steps_per_epoch(config, num_train)))
 
 
+def schedule_steps(config, num_train: int) -> tuple[list[int], int]:
+    """(lr boundaries, warm-up length) in steps, whether the config gives them in steps or epochs."""
+    o, per_epoch = config.optim, steps_per_epoch(config, num_train)
+    boundaries = [int(b) for b in o.boundaries] or [round(e * per_epoch) for e in o.boundary_epochs]
+    return boundaries, round(o.warmup_steps or o.warmup_epochs * per_epoch)
+
+
 def validate(config, num_devices: int, num_train: int | None = None) -> None:
     """Refuse a config that cannot run on `num_devices` devices; cheap, before any tracing."""
     if config.model.name not in PRESETS:
@@ -143,6 +162,12 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
     _check_choice('data.augment', config.data.augment, AUGMENTATIONS)
     for pattern, rule in config.mesh.param_rules:
         _check_choice('mesh.param_rules', rule, PARAM_RULES)
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            _fail('mesh.param_rules', f'{pattern!r} is not a regular expression: {e}')
+    if config.optim.name == 'lars' and config.optim.decay_type != 'l2':
+        _fail('optim.decay_type', "LARS applies weight decay inside its trust ratio; use decay_type='l2'")
 
     if (config.num_steps is None) == (config.num_epochs is None):
         _fail('num_steps', 'set exactly one of num_steps and num_epochs '
@@ -172,15 +197,14 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
                          f'(mesh data={data} x fsdp={fsdp}); use a multiple of {shards}')
 
     if num_train is not None:
-        steps, per_epoch = total_steps(config, num_train), steps_per_epoch(config, num_train)
-        boundaries = list(config.optim.boundaries) or [e * per_epoch for e in config.optim.boundary_epochs]
-        for b in boundaries:
-            if not 0 < b < steps:
-                _fail('optim.boundaries', f'boundary at step {b:g} is outside the run (1..{steps - 1}); '
-                                          f'training has {steps} steps')
-        warmup = config.optim.warmup_steps or config.optim.warmup_epochs * per_epoch
+        steps = total_steps(config, num_train)
+        boundaries, warmup = schedule_steps(config, num_train)
+        for b in boundaries if config.optim.schedule == 'piecewise' else []:
+            if not warmup < b < steps:
+                _fail('optim.boundaries', f'boundary at step {b} is outside the run after warm-up '
+                                          f'({warmup + 1}..{steps - 1}); training has {steps} steps')
         if warmup >= steps:
-            _fail('optim.warmup_steps', f'warm-up of {warmup:g} steps does not end before the {steps} training steps')
+            _fail('optim.warmup_steps', f'warm-up of {warmup} steps does not end before the {steps} training steps')
 
 
 def _check_choice(field, value, allowed):

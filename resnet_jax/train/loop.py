@@ -39,19 +39,20 @@ def peak_flops_per_device(config) -> float | None:
 class Run:
     """Everything a run needs besides its train state, built from a validated config."""
 
-    def __init__(self, config, workdir: str):
-        config_lib.validate(config, jax.device_count())
-        self.config, self.workdir = config, workdir
+    def __init__(self, config, devices=None):
+        devices = jax.devices() if devices is None else devices
+        config_lib.validate(config, len(devices))
+        self.config = config
         self.train_ds = arrays.load(config, config.data.train_split)
         self.eval_ds = arrays.load(config, config.data.eval_split)
-        config_lib.validate(config, jax.device_count(), len(self.train_ds))
+        config_lib.validate(config, len(devices), len(self.train_ds))
         overrides = config_lib.model_overrides(config)
         classes = overrides.setdefault('num_classes', self.train_ds.num_classes)
         if classes != self.train_ds.num_classes:
             raise config_lib.ConfigError(f'config.model.num_classes: {classes} differs from the '
                                          f'{self.train_ds.num_classes} classes of {config.data.dataset}')
         self.model = get_model(config.model.name, **overrides)
-        self.mesh = sharding.make_mesh(config)
+        self.mesh = sharding.make_mesh(config, devices)
         self.num_steps = config_lib.total_steps(config, len(self.train_ds))
         self.optimizer = optim.make_optimizer(config, len(self.train_ds))
         self.schedule = optim.lr_schedule(config, len(self.train_ds))
@@ -82,7 +83,7 @@ class Run:
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Train `config` in `workdir` (resuming from its newest checkpoint); return the final metrics."""
-    run = Run(config, workdir)
+    run = Run(config)
     lead = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     if lead:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from resnet_jax.train.config import steps_per_epoch, total_steps
+from resnet_jax.train.config import schedule_steps, total_steps
 
 
 def peak_lr(config) -> float:
@@ -21,12 +21,10 @@ def peak_lr(config) -> float:
 
 def lr_schedule(config, num_train: int) -> optax.Schedule:
     o = config.optim
-    steps, per_epoch = total_steps(config, num_train), steps_per_epoch(config, num_train)
-    lr = peak_lr(config)
-    warmup = round(o.warmup_steps or o.warmup_epochs * per_epoch)
+    steps, lr = total_steps(config, num_train), peak_lr(config)
+    boundaries, warmup = schedule_steps(config, num_train)
     if o.schedule == 'piecewise':
-        boundaries = list(o.boundaries) or [round(e * per_epoch) for e in o.boundary_epochs]
-        main = optax.piecewise_constant_schedule(lr, {int(b) - warmup: o.decay_factor for b in boundaries})
+        main = optax.piecewise_constant_schedule(lr, {b - warmup: o.decay_factor for b in boundaries})
     elif o.schedule == 'cosine':
         main = optax.cosine_decay_schedule(lr, max(1, steps - warmup))
     else:
