@@ -122,3 +122,16 @@ def test_global_batch_assembles_process_local_data():
     batch = sharding.global_batch({'image': np.zeros((4, 2, 2, 3), np.uint8), 'label': np.arange(4)}, mesh)
     assert batch['image'].shape == (4, 2, 2, 3)
     np.testing.assert_array_equal(batch['label'], np.arange(4))
+
+
+def test_ema_follows_its_recursion():
+    run = Run(tiny_config(**{'optim.ema_decay': 0.5}))
+    state = run.initial_state()
+    batches = arrays.train_batches(run.train_ds, run.config.batch_size, run.config.seed)
+    history = [jax.device_get(state.params)]
+    for _ in range(2):
+        state, _ = run.train_step(state, sharding.global_batch(next(batches), run.mesh), jax.random.key(0))
+        history.append(jax.device_get(state.params))
+    expected = jax.tree_util.tree_map(lambda p0, p1, p2: 0.25 * p0 + 0.25 * p1 + 0.5 * p2, *history)
+    for got, want in zip(jax.tree_util.tree_leaves(jax.device_get(state.ema_params)), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
