@@ -52,7 +52,7 @@ def test_unknown_field_lists_close_matches_and_allowed_fields():
     (dict(cardinality=3), r'cardinality=3 does not divide the width of a grouped conv in stage 1, block 0 \(16 -> 16'),
     (dict(cardinality=0), r'cardinality=0 must be a positive integer'),
     (dict(norm='group'), r'norm_groups=32 does not divide the stem width 16'),
-    (dict(norm='group', norm_groups=12, stem_width=24), r'norm_groups=12 does not divide the 16 channels'),
+    (dict(norm='group', norm_groups=12, stem_width=24, shortcut='B'), r'norm_groups=12 does not divide the 16 channels'),
     (dict(branch_init='fixup'), r"branch_init='fixup' .* needs norm='none' and placement='post'"),
     (dict(skip_scale=0.5), r"skip_scale/branch_scale are only used with skip='scale'"),
     (dict(gate_bias_init=-6.0), r"gate_bias_init is only used with skip='exclusive_gate'"),
@@ -60,6 +60,7 @@ def test_unknown_field_lists_close_matches_and_allowed_fields():
     (dict(widths=(16, 32)), r'must be non-empty and of the same length'),
     (dict(stage_sizes=(3, 0, 3)), r'must hold positive integers'),
     (dict(num_classes=0), r'num_classes=0 must be a positive integer'),
+    (dict(widths=(8, 16, 32)), r"shortcut='A' zero-pads channels and cannot narrow 16 -> 8 channels in stage 1, block 0"),
 ])
 def test_impossible_combinations_fail_at_construction(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -163,6 +163,10 @@ class BlockDesign:
             raise ValueError(f'base_width={self.base_width} gives a fractional bottleneck width '
                              f'{planes} * {self.base_width} / 64 in {where}; choose a base_width '
                              f'that makes planes * base_width divisible by 64')
+        out = self.out_channels(planes)
+        if self.shortcut == 'A' and self.skip not in ('none', 'conv') and out < in_channels:
+            raise ValueError(f"shortcut='A' zero-pads channels and cannot narrow {in_channels} -> {out} "
+                             f"channels in {where}; use shortcut='B' or widths that do not shrink")
         convs = self.branch_convs(planes, 1)
         conv_inputs = [in_channels] + [features for features, *_ in convs[:-1]]
         for (features, _, _, groups), fan_in in zip(convs, conv_inputs):

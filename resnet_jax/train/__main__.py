@@ -1,9 +1,14 @@
 """python -m resnet_jax.train --config=experiments/quickstart.py --workdir=/tmp/run [--config.a.b=v]"""
 
-from absl import app, flags
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from resnet_jax import distributed
+from resnet_jax.train.config import ConfigError
 from resnet_jax.train.loop import train_and_evaluate
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file, e.g. experiments/cifar10.py:resnet56')
@@ -15,7 +20,17 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     distributed.initialize_from_flags()
-    train_and_evaluate(CONFIG.value, WORKDIR.value)
+    try:
+        train_and_evaluate(CONFIG.value, WORKDIR.value)
+    except ConfigError as e:
+        sys.exit(f'error: {e}')
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        logging.error('A collective failed, most likely because another process of this run died or '
+                      'was killed; stopping this one too. The error was: %s', e)
+        # JAX's exit handler would wait out the heartbeat timeout for the dead peer first.
+        os._exit(1)
 
 
 if __name__ == '__main__':
