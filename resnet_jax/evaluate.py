@@ -31,10 +31,7 @@ def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, float]:
     if state is None:
         raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint'
                                 + (f' at step {step}' if step is not None else ''))
-    results = run.evaluate(state)
-    if config.optim.ema_decay:
-        results.update(run.evaluate(state, use_ema=True))
-    results = {k.replace('eval', 'evaluate', 1): v for k, v in results.items()}
+    results = {k.replace('eval', 'evaluate', 1): v for k, v in run.evaluate(state).items()}
     with metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer:
         writer.write(int(jax.device_get(state.step)), results)
     manager.close()

@@ -69,8 +69,14 @@ class Run:
         init_rng = jax.random.fold_in(jax.random.key(self.config.seed), -1 % 2 ** 31)
         return jax.jit(self.init, out_shardings=self.state_sharding)(init_rng)
 
-    def evaluate(self, state, use_ema: bool = False) -> dict[str, float]:
-        prefix = 'ema_eval' if use_ema else 'eval'
+    def evaluate(self, state) -> dict[str, float]:
+        """Loss, top-1 and top-5 over the whole evaluation split, and the same for EMA parameters."""
+        results = self._evaluate(state, use_ema=False, prefix='eval')
+        if self.config.optim.ema_decay:
+            results.update(self._evaluate(state, use_ema=True, prefix='ema_eval'))
+        return results
+
+    def _evaluate(self, state, use_ema: bool, prefix: str) -> dict[str, float]:
         totals = None
         for batch in arrays.eval_batches(self.eval_ds, self.config.eval_batch_size,
                                          jax.process_index(), jax.process_count()):
@@ -99,11 +105,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     rng = jax.random.key(config.seed)
     batches = arrays.train_batches(run.train_ds, config.batch_size, config.seed, start,
                                    jax.process_index(), jax.process_count())
-    final: dict[str, float] = {}
-    if start >= run.num_steps:
+    if start >= run.num_steps:  # a finished run: report, change nothing
         final = run.evaluate(state)
         writer.write(run.num_steps, final)
         writer.close()
+        manager.close()
         return final
 
     first = sharding.global_batch(next(batches), run.mesh)
@@ -118,7 +124,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     # Seen on CPU: several devices per process queuing many steps across processes can deadlock.
     block_each_step = jax.process_count() > 1 and jax.default_backend() == 'cpu'
 
-    pending, window_start, window_steps = [], time.perf_counter(), 0
+    final: dict[str, float] = {}
+    pending, window_start, window_steps, paused = [], time.perf_counter(), 0, 0.0
     batch = first
     for step in range(start, run.num_steps):
         if step > start:
@@ -132,7 +139,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         last = done == run.num_steps
         if done % config.log_every_steps == 0 or last:
             values = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-            elapsed = time.perf_counter() - window_start
+            elapsed = time.perf_counter() - window_start - paused  # training time only
             values['train/lr'] = float(run.schedule(done - 1))
             values['train/images_per_sec'] = window_steps * config.batch_size / elapsed
             values['train/step_seconds'] = elapsed / window_steps
@@ -141,16 +148,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             writer.write(done, values)
             progress.maybe_log(done, values)
             final.update(values)
-            pending, window_start, window_steps = [], time.perf_counter(), 0
+            pending, window_start, window_steps, paused = [], time.perf_counter(), 0, 0.0
         if done % config.eval_every_steps == 0 or last:
+            eval_start = time.perf_counter()
             results = run.evaluate(state)
-            if config.optim.ema_decay:
-                results.update(run.evaluate(state, use_ema=True))
             writer.write(done, results)
             if lead:
                 print(f'step {done}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()), flush=True)
             final.update(results)
-            window_start = time.perf_counter()  # evaluation time is not training throughput
+            paused += time.perf_counter() - eval_start
         if done % config.checkpoint_every_steps == 0 or last:
             manager.save(done, state)
     manager.close()
