@@ -90,7 +90,7 @@ def train_step(state: TrainState, batch, rng, *, model, optimizer, config, mean,
         decay = config.optim.ema_decay
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
     metrics = {'train/loss': loss, 'train/top1': topk_correct(logits, batch['label'], 1).mean(),
-               'train/grad_norm': optax.global_norm(grads)}
+               'train/grad_norm': optax.tree.norm(grads)}
     return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                       ema_params=ema), metrics
 
