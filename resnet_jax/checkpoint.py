@@ -16,9 +16,6 @@ class Manager:
         options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
         self._manager = ocp.CheckpointManager(directory, options=options)
 
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
-
     def save(self, step: int, state) -> None:
         self._manager.save(step, args=ocp.args.StandardSave(state))
 

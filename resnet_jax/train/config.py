@@ -27,9 +27,6 @@ WARMUPS = ('linear', 'constant')
 DECAY_TYPES = ('l2', 'decoupled')
 AUGMENTATIONS = ('none', 'cifar')
 PARAM_RULES = ('replicate', 'fsdp')
-# Fields a resumed run may change without changing what it computes.
-SAFE_TO_CHANGE = ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'progress_seconds',
-                  'peak_tflops_per_device', 'num_steps', 'num_epochs')
 
 
 class ConfigError(ValueError):
