@@ -206,6 +206,8 @@ class ResNet(nn.Module):
     stem: 'imagenet' (7x7/2 conv + 3x3/2 max pool), 'deep' (three 3x3 convs + max pool,
       ResNet-C/D) or 'cifar' (one 3x3 conv); stem_width is its output channels.
     width_multiplier: the Wide ResNet factor k applied to every stage's planes.
+    remat: recompute each block's activations in the backward pass instead of storing them,
+      trading about one extra forward pass for memory (larger batches, deeper nets).
     """
 
     num_classes: int = 1000
@@ -214,6 +216,7 @@ class ResNet(nn.Module):
     stem: str = 'imagenet'
     stem_width: int = 64
     width_multiplier: int = 1
+    remat: bool = False
     design: BlockDesign = BlockDesign()
 
     def __post_init__(self):
@@ -252,10 +255,11 @@ class ResNet(nn.Module):
         x = self._stem(x.astype(d.compute_dtype), train)
         self.sow('intermediates', 'stem', x)
         names = self.block_names
+        block_class = nn.remat(ResidualBlock, static_argnums=(2,)) if self.remat else ResidualBlock
         index = 0
         for stage, (size, planes) in enumerate(zip(self.stage_sizes, self.stage_planes), start=1):
             for block in range(size):
-                x = ResidualBlock(planes, 2 if stage > 1 and block == 0 else 1, d,
+                x = block_class(planes, 2 if stage > 1 and block == 0 else 1, d,
                                   drop_path_rate=d.drop_path_rate * (index + 1) / len(names),
                                   num_blocks=len(names), name=names[index])(x, train)
                 index += 1

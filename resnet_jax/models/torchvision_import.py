@@ -4,6 +4,10 @@ The Flax module names mirror torchvision's (`conv{i}`/`norm{i}` = `conv{i}`/`bn{
 `stage{s}_block{b}` = `layer{s}.{b}`), so the conversion is a renaming plus a transpose of
 the kernels to HWIO. Every expected key must be present with the expected shape and no key
 may be left over: a mismatch names the first offending key.
+
+Besides torchvision's ImageNet layout, He et al.'s CIFAR nets (option A shortcuts, and their
+plain twins) load from state_dicts in the same naming, such as `torch_reference` builds;
+torchvision itself has no CIFAR ResNets.
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ from resnet_jax.models.resnet import ResNet
 
 # Torch keys that carry no state our model needs.
 IGNORED_KEYS = re.compile(r'.*num_batches_tracked$')
-# The design values under which torchvision's weights compute what they computed there.
-TORCHVISION_DESIGN = dict(placement=('post',), skip=('identity',), shortcut=('B',), norm=('batch',),
-                          se_ratio=(0.0,), stride_in_1x1=(False,), activation=('relu',),
-                          branch_init=('standard', 'zero_gamma'))
+# The design values under which torchvision-named weights compute what they computed there.
+TORCHVISION_DESIGN = dict(placement=('post',), norm=('batch',), se_ratio=(0.0,), stride_in_1x1=(False,),
+                          activation=('relu',), branch_init=('standard', 'zero_gamma'))
+# Per stem, the skip paths those weights were trained with: torchvision's ImageNet nets project a
+# reshaping shortcut (B); He et al.'s CIFAR nets zero-pad it (A, no parameters) or, plain, have none.
+STEM_SKIPS = {'imagenet': dict(shortcut=('B',), skip=('identity',)),
+              'cifar': dict(shortcut=('A',), skip=('identity', 'none'))}
 
 
 def _torch_key(path: tuple[str, ...]) -> tuple[str, str]:
@@ -64,14 +71,16 @@ def _as_numpy(value) -> np.ndarray:
 
 
 def from_torchvision(state_dict: Mapping[str, object], model: ResNet) -> dict:
-    """Flax variables {'params', 'batch_stats'} for `model` from a torchvision `state_dict`."""
-    mismatched = {k: getattr(model.design, k) for k, allowed in TORCHVISION_DESIGN.items()
-                  if getattr(model.design, k) not in allowed}
-    if model.stem != 'imagenet':
+    """Flax variables {'params', 'batch_stats'} for `model` from a torchvision-named `state_dict`."""
+    allowed = dict(TORCHVISION_DESIGN, **STEM_SKIPS.get(model.stem, {}))
+    mismatched = {k: getattr(model.design, k) for k, values in allowed.items()
+                  if getattr(model.design, k) not in values}
+    if model.stem not in STEM_SKIPS:
         mismatched['stem'] = model.stem
     if mismatched:
-        raise ValueError(f'torchvision weights fit only the ImageNet layout they were trained in (stem '
-                         f"'imagenet', design fields among {TORCHVISION_DESIGN}); this model has {mismatched}")
+        raise ValueError(f'torchvision-named weights fit only the layouts they were trained in (per stem, '
+                         f'shortcut and skip among {STEM_SKIPS}; design fields among {TORCHVISION_DESIGN}); '
+                         f'this model has {mismatched}')
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     state_dict = {k: v for k, v in state_dict.items() if not IGNORED_KEYS.match(k)}
     used = set()

@@ -26,6 +26,7 @@ SCHEDULES = ('piecewise', 'cosine', 'constant')
 WARMUPS = ('linear', 'constant')
 DECAY_TYPES = ('l2', 'decoupled')
 AUGMENTATIONS = ('none', 'cifar')
+FEEDS = ('host', 'device')
 PARAM_RULES = ('replicate', 'fsdp')
 
 
@@ -44,6 +45,7 @@ def _model_section() -> ml_collections.ConfigDict:
     model.stem = config_dict.placeholder(str)
     model.stem_width = config_dict.placeholder(int)
     model.width_multiplier = config_dict.placeholder(int)
+    model.remat = config_dict.placeholder(bool)
     return model
 
 
@@ -57,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train_split = 'train'
     c.data.eval_split = 'test'
     c.data.augment = 'cifar'           # pad 4 + random crop + flip, on device
+    c.data.feed = 'host'               # 'host': batches from host memory; 'device': the whole set on device
     c.data.num_train = 10_000          # sizes of the generated 'shapes' and 'synthetic' sets
     c.data.num_eval = 2_000
 
@@ -157,6 +160,7 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
     _check_choice('optim.warmup', config.optim.warmup, WARMUPS)
     _check_choice('optim.decay_type', config.optim.decay_type, DECAY_TYPES)
     _check_choice('data.augment', config.data.augment, AUGMENTATIONS)
+    _check_choice('data.feed', config.data.feed, FEEDS)
     for pattern, rule in config.mesh.param_rules:
         _check_choice('mesh.param_rules', rule, PARAM_RULES)
         try:

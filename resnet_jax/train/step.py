@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from resnet_jax.data import device as device_data
 from resnet_jax.train import sharding
 
 
@@ -108,13 +109,25 @@ def eval_step(state: TrainState, batch, use_ema: bool = False, *, model, mean, s
             'count': mask.sum()}
 
 
+def device_fed_train_step(state: TrainState, dataset, rng, *, mesh, config, **step_args):
+    """`train_step` on batch `state.step` drawn from the device-resident `dataset` inside the step."""
+    batch = device_data.batch_at(dataset, config.seed, state.step, config.batch_size, mesh)
+    return train_step(state, batch, rng, config=config, **step_args)
+
+
 def compile_steps(model, optimizer, config, mesh, state_shapes, mean, std):
-    """jit-compiled (train_step, eval_step, state shardings) over `mesh`; the state is donated."""
+    """jit-compiled (train_step, eval_step, state shardings) over `mesh`; the state is donated.
+
+    With `data.feed == 'device'` the train step's second argument is the device-resident
+    dataset from `data.device.put` instead of a batch.
+    """
     state_sharding = sharding.state_shardings(mesh, state_shapes, config)
     data, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    train = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer, config=config,
-                                      mean=mean, std=std),
-                    in_shardings=(state_sharding, data, repl), out_shardings=(state_sharding, repl),
+    step_fn = functools.partial(train_step, model=model, optimizer=optimizer, config=config, mean=mean, std=std)
+    if config.data.feed == 'device':
+        step_fn = functools.partial(device_fed_train_step, mesh=mesh, model=model, optimizer=optimizer,
+                                    config=config, mean=mean, std=std)
+    train = jax.jit(step_fn, in_shardings=(state_sharding, data, repl), out_shardings=(state_sharding, repl),
                     donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, model=model, mean=mean, std=std),
                        in_shardings=(state_sharding, data), out_shardings=repl, static_argnums=2)

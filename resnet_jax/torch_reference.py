@@ -1,15 +1,20 @@
-"""An independent PyTorch ResNet / ResNeXt / Wide ResNet, used only as a test oracle.
+"""Independent PyTorch ResNets with torchvision's parameter names: a test oracle and a benchmark peer.
 
 torchvision is not importable in the test environment, so this rebuilds its ImageNet ResNets
-from `torch.nn` alone. Module and parameter names follow torchvision's checkpoint layout
-(conv1, bn1, layer{s}.{b}.conv{i}/bn{i}/downsample.{0,1}, fc) so that `state_dict()` is what
-`from_torchvision` expects from a real torchvision checkpoint. Bottlenecks put the stride on
-the 3x3 conv (ResNet v1.5), as torchvision does.
+(ResNet, ResNeXt, Wide ResNet) from `torch.nn` alone, and adds He et al.'s CIFAR ResNets and
+their plain twins, which torchvision lacks. Module and parameter names follow torchvision's
+checkpoint layout (conv1, bn1, layer{s}.{b}.conv{i}/bn{i}/downsample.{0,1}, fc) so that
+`state_dict()` is what `from_torchvision` expects. Bottlenecks put the stride on the 3x3 conv
+(ResNet v1.5), as torchvision does.
+
+The tests compare these nets with our Flax models; `bench_torch` trains them as the PyTorch
+side of `bench --vs-torch` for the models torchvision does not have.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -19,12 +24,12 @@ def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) ->
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs; the stride sits on the first."""
+    """Two 3x3 convs; the stride sits on the first. residual=False drops the skip (a plain net)."""
 
     expansion = 1
 
     def __init__(self, cin: int, planes: int, stride: int, downsample: nn.Module | None,
-                 groups: int = 1, width_per_group: int = 64):
+                 groups: int = 1, width_per_group: int = 64, residual: bool = True):
         super().__init__()
         if groups != 1 or width_per_group != 64:
             raise ValueError('basic blocks have no grouped or widened variant in torchvision')
@@ -32,11 +37,14 @@ class BasicBlock(nn.Module):
         self.conv2, self.bn2 = _conv(planes, planes, 3), nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.residual = residual
 
     def forward(self, x):
-        shortcut = x if self.downsample is None else self.downsample(x)
         h = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(h)) + shortcut)
+        h = self.bn2(self.conv2(h))
+        if self.residual:
+            h = h + (x if self.downsample is None else self.downsample(x))
+        return self.relu(h)
 
 
 class Bottleneck(nn.Module):
@@ -91,6 +99,49 @@ class ReferenceResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+class ZeroPadShortcut(nn.Module):
+    """Option A: every stride-th pixel, zero channels appended after the input's; no parameters.
+
+    The zeros go last, as in our Flax model: with them first, the same weights would add the
+    shortcut to other channels of the branch and compute a different function.
+    """
+
+    def __init__(self, stride: int, extra_channels: int):
+        super().__init__()
+        self.stride, self.extra_channels = stride, extra_channels
+
+    def forward(self, x):
+        return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, 0, self.extra_channels))
+
+
+class ReferenceCifarResNet(nn.Module):
+    """He et al. 2016, CIFAR: 3x3 stem of width 16 (no max pool), three stages of n basic blocks
+    at widths 16/32/64 (the later two at stride 2), average pool, fc. Shortcuts use option A;
+    residual=False gives the plain twin, with no skip at all."""
+
+    def __init__(self, n: int, num_classes: int = 10, residual: bool = True):
+        super().__init__()
+        self.conv1, self.bn1 = _conv(3, 16, 3), nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        cin = 16
+        for s, planes in enumerate((16, 32, 64), start=1):
+            blocks = []
+            for b in range(n):
+                stride = 2 if s > 1 and b == 0 else 1
+                down = (ZeroPadShortcut(stride, planes - cin)
+                        if residual and (stride != 1 or cin != planes) else None)
+                blocks.append(BasicBlock(cin, planes, stride, down, residual=residual))
+                cin = planes
+            setattr(self, f'layer{s}', nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
 # torchvision's layer counts and block shapes: (block, layers, groups, width_per_group).
 CONFIGS = {
     'resnet18': (BasicBlock, (2, 2, 2, 2), 1, 64),
@@ -102,10 +153,24 @@ CONFIGS = {
 }
 
 
-def reference_resnet(name: str, num_classes: int = 1000) -> nn.Module:
-    """The torchvision-named reference for `name` (a key of CONFIGS), in eval mode."""
+# He et al.'s CIFAR nets, depth 6n + 2: (blocks per stage n, whether blocks have a skip).
+CIFAR_CONFIGS = {
+    **{f'resnet{6 * n + 2}': (n, True) for n in (3, 5, 7, 9, 18, 200)},
+    **{f'plain{6 * n + 2}': (n, False) for n in (3, 5, 7, 9, 18)},
+}
+
+
+def reference_resnet(name: str, num_classes: int | None = None) -> nn.Module:
+    """The torchvision-named reference for `name` (a key of CONFIGS or CIFAR_CONFIGS), in eval
+    mode, with torch's default init; num_classes defaults to 1000 (ImageNet) or 10 (CIFAR)."""
+    if name in CIFAR_CONFIGS:
+        n, residual = CIFAR_CONFIGS[name]
+        return ReferenceCifarResNet(n, 10 if num_classes is None else num_classes, residual).eval()
+    if name not in CONFIGS:
+        raise ValueError(f'torch_reference has no model {name!r}; it builds: '
+                         + ', '.join(sorted(CONFIGS) + sorted(CIFAR_CONFIGS)))
     block, layers, groups, width = CONFIGS[name]
-    return ReferenceResNet(block, layers, num_classes, groups, width).eval()
+    return ReferenceResNet(block, layers, 1000 if num_classes is None else num_classes, groups, width).eval()
 
 
 @torch.no_grad()

@@ -1,0 +1,344 @@
+"""python -m resnet_jax.bench: training throughput, step time, compile time, MFU and memory.
+
+    python -m resnet_jax.bench --model=resnet50 --batch_size=256 --dtype=bfloat16 --vs_torch
+    python -m resnet_jax.bench --model=resnet20,resnet56 --batch_size=128,1024 --source=device
+    python -m resnet_jax.bench --model=resnet50 --dtype=bfloat16 --remat=false,true --max_batch
+
+Every combination of the comma-separated flags is one row. The step timed is the training
+step `python -m resnet_jax.train` runs (forward, backward, SGD with momentum and weight
+decay, BatchNorm statistics), built by the same `Run` from a config. Sources:
+  synthetic  one random batch placed on the device once; no host work at all
+  device     a random (or --dataset) set of --num_examples images resident on the device,
+             shuffled and augmented inside the step (data.feed='device')
+  host       the same set in host memory, gathered and transferred each step (data.feed='host')
+Each measurement (our step, PyTorch eager, PyTorch compiled) runs in a fresh process, so
+one framework's memory pool or compile cache never affects another's numbers, and each
+reports its own peak memory. Step time is measured over windows of --window steps with one
+device synchronisation per window; the median and the 10th/90th percentiles are over windows.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+SOURCES = ('synthetic', 'device', 'host')
+DEFAULT_STEPS_PROJECTED = 64_000  # He et al.'s CIFAR schedule, for the projected-time column
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('model', ['resnet50'], 'presets to measure (comma-separated)')
+flags.DEFINE_list('batch_size', ['256'], 'global batch sizes (comma-separated)')
+flags.DEFINE_list('dtype', ['bfloat16'], "compute dtypes: 'float32', 'bfloat16' (parameters stay float32)")
+flags.DEFINE_list('source', ['synthetic'], f'data sources, among {", ".join(SOURCES)}')
+flags.DEFINE_list('remat', ['false'], "'false' and/or 'true': recompute each block's activations in the backward pass")
+flags.DEFINE_integer('image_size', None, 'input size; default: the preset native size (32 CIFAR, 224 ImageNet)')
+flags.DEFINE_integer('steps', 60, 'timed steps after warm-up')
+flags.DEFINE_integer('warmup', 5, 'untimed steps after compilation')
+flags.DEFINE_integer('window', 10, 'steps between synchronisations; step time statistics are over windows')
+flags.DEFINE_integer('num_examples', 50_000, "size of the random dataset of the 'device' and 'host' sources")
+flags.DEFINE_string('dataset', 'synthetic', "dataset of the 'device' and 'host' sources: 'synthetic' or 'folder:<path>'")
+flags.DEFINE_bool('vs_torch', False, 'also time the same model, batch and precision in PyTorch (eager and compiled)')
+flags.DEFINE_bool('torch_compile', True, 'with --vs_torch, include torch.compile')
+flags.DEFINE_bool('max_batch', False, 'instead of timing, find the largest batch whose step fits in device memory')
+flags.DEFINE_float('peak_tflops', None, "device peak TFLOP/s for MFU; default: the training loop's table")
+flags.DEFINE_integer('projected_steps', DEFAULT_STEPS_PROJECTED, 'steps for the projected-time column')
+flags.DEFINE_string('json', None, 'write the rows to this JSON file')
+
+
+class BenchError(ValueError):
+    """A bad benchmark request; the message names the flag and what is allowed."""
+
+
+def _config(model: str, batch: int, dtype: str, source: str, remat: bool, image_size: int | None,
+            num_examples: int, dataset: str, peak_tflops: float | None):
+    """The training config whose step a row measures."""
+    from resnet_jax.models import get_model
+    from resnet_jax.models.registry import native_resolution
+    from resnet_jax.train.config import base_config
+
+    c = base_config()
+    c.model.name = model
+    c.model.dtype = dtype
+    c.model.remat = remat
+    c.batch_size = batch
+    c.eval_batch_size = batch
+    c.num_steps = 1
+    preset = get_model(model)
+    c.model.num_classes = preset.num_classes  # 1000 for ImageNet nets: the synthetic set follows it
+    size = image_size or native_resolution(preset)
+    c.data.image_size = size
+    c.data.augment = 'cifar' if source != 'synthetic' and size <= 64 else 'none'
+    c.data.feed = 'device' if source == 'device' else 'host'
+    # The synthetic source needs just one batch; the others a dataset to draw from.
+    c.data.dataset = 'synthetic' if source == 'synthetic' else dataset
+    c.data.num_train = batch if source == 'synthetic' else num_examples
+    c.data.num_eval = batch
+    c.peak_tflops_per_device = peak_tflops
+    return c
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _memory_gib(compiled) -> float | None:
+    """The compiled step's device footprint: arguments + outputs - donated aliases + temporaries."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    total = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+             + stats.temp_size_in_bytes)
+    return total / 2 ** 30
+
+
+def _device_peak_gib() -> float | None:
+    import jax
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats['peak_bytes_in_use'] / 2 ** 30 if 'peak_bytes_in_use' in stats else None
+
+
+def _device_limit_gib() -> float | None:
+    import jax
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats['bytes_limit'] / 2 ** 30 if 'bytes_limit' in stats else None
+
+
+def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None) -> dict:
+    """Compile and time our train step for `config`; optionally start from converted torch weights."""
+    import jax
+    import numpy as np
+
+    from resnet_jax.train import loop, sharding
+
+    run = loop.Run(config)
+    state = run.initial_state()
+    if torch_weights is not None:
+        from resnet_jax.models.torchvision_import import from_torchvision
+        variables = from_torchvision(torch_weights, run.model)
+        state = jax.device_put(state.replace(params=variables['params'], batch_stats=variables['batch_stats'],
+                                             opt_state=run.optimizer.init(variables['params'])),
+                               run.state_sharding)
+    if config.data.dataset == 'synthetic' and config.data.feed == 'host':
+        batch = {'image': run.train_ds.images[:config.batch_size], 'label': run.train_ds.labels[:config.batch_size]}
+        fixed = sharding.global_batch(batch, run.mesh)
+        next_input = lambda: fixed  # noqa: E731  (the same device-resident batch every step)
+    else:
+        next_input = run.train_inputs(0)
+    rng = jax.random.key(config.seed)
+    inputs = next_input()
+    t0 = time.perf_counter()
+    compiled = run.train_step.lower(state, inputs, rng).compile()
+    compile_seconds = time.perf_counter() - t0
+    flops = loop.model_flops(run.model, config.data.image_size, config.batch_size) / run.mesh.size
+
+    first_loss = None
+    for i in range(warmup):
+        state, metrics = compiled(state, next_input(), rng)
+        if i == 0:
+            first_loss = float(metrics['train/loss'])
+    jax.block_until_ready(state)
+    per_step = []
+    for _ in range(max(1, steps // window)):
+        t0 = time.perf_counter()
+        for _ in range(window):
+            state, metrics = compiled(state, next_input(), rng)
+        jax.block_until_ready((state, metrics))
+        per_step.append((time.perf_counter() - t0) / window)
+    if not np.isfinite(float(metrics['train/loss'])):
+        raise FloatingPointError(f'the loss became {float(metrics["train/loss"])} while timing')
+
+    median = statistics.median(per_step)
+    devices = run.mesh.size
+    peak = loop.peak_flops_per_device(config)
+    return {'images_per_sec': config.batch_size / median,
+            'images_per_sec_per_device': config.batch_size / median / devices,
+            'step_ms_median': 1e3 * median, 'step_ms_p10': 1e3 * _percentile(per_step, 0.1),
+            'step_ms_p90': 1e3 * _percentile(per_step, 0.9), 'compile_seconds': compile_seconds,
+            'tflop_per_step_per_device': flops / 1e12,
+            'mfu': flops / median / peak if peak and flops else None,
+            'memory_gib': _memory_gib(compiled), 'device_peak_gib': _device_peak_gib(),
+            'device_limit_gib': _device_limit_gib(), 'first_loss': first_loss,
+            'device_kind': jax.devices()[0].device_kind, 'num_devices': devices,
+            'xla_flags': os.environ.get('XLA_FLAGS', '')}
+
+
+def largest_batch(config, granularity: int = 32) -> dict:
+    """The largest global batch (a multiple of `granularity`) whose step fits the device's memory.
+
+    The compiler's memory analysis of the step is affine in the batch size, so two compiles
+    (at 128 and 256) predict the limit, and compiles at the prediction and its neighbours
+    settle it without ever running out of memory. The batch found then runs for real.
+    """
+    import jax
+
+    from resnet_jax.train import loop, sharding
+
+    limit = _device_limit_gib()
+    if limit is None:
+        raise BenchError('--max_batch needs a device that reports its memory limit (a GPU or TPU)')
+    sizes: dict[int, float] = {}
+
+    def fits(batch: int) -> bool:
+        config.batch_size = config.eval_batch_size = config.data.num_train = config.data.num_eval = batch
+        run = loop.Run(config)
+        size, data = config.data.image_size, sharding.batch_sharding(run.mesh)
+        abstract = {'image': jax.ShapeDtypeStruct((batch, size, size, 3), 'uint8', sharding=data),
+                    'label': jax.ShapeDtypeStruct((batch,), 'int32', sharding=data)}
+        sizes[batch] = _memory_gib(run.train_step.lower(run.abstract_state, abstract, jax.random.key(0)).compile())
+        return sizes[batch] <= limit
+
+    fits(128), fits(256)
+    per_example = (sizes[256] - sizes[128]) / 128
+    batch = int((limit - sizes[128]) / per_example + 128) // granularity * granularity
+    while batch > granularity and not fits(batch):
+        batch -= granularity
+    while fits(batch + granularity):
+        batch += granularity
+    config.batch_size = config.eval_batch_size = config.data.num_train = config.data.num_eval = batch
+    timed = measure_jax(config, steps=1, warmup=1, window=1)
+    return {'max_batch': batch, 'memory_gib': sizes[batch], 'device_limit_gib': limit,
+            'device_peak_gib': timed['device_peak_gib'], 'images_per_sec': timed['images_per_sec'],
+            'compiles': len(sizes), 'device_kind': timed['device_kind']}
+
+
+def _torch_row(name: str, config, compile: bool, steps: int, warmup: int, seed: int) -> dict:
+    """PyTorch's numbers for the same model, batch and precision, on the same first batch."""
+    import numpy as np
+
+    from resnet_jax import bench_torch
+    from resnet_jax.data import arrays
+
+    ds = arrays.load(config, config.data.train_split)
+    model = bench_torch.make_model(name, ds.num_classes, seed)
+    mean, std = ds.channel_stats()
+    import torch
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    return bench_torch.measure(model, np.asarray(ds.images[:config.batch_size]),
+                               np.asarray(ds.labels[:config.batch_size]), mean, std, dtype=config.model.dtype,
+                               compile=compile, steps=steps, warmup=warmup, device=device)
+
+
+def _torch_weights(name: str, num_classes: int, seed: int) -> dict:
+    """The initial torch weights as numpy arrays, for our step to start from the same point."""
+    from resnet_jax import bench_torch
+    return {k: v.detach().cpu().numpy() for k, v in bench_torch.make_model(name, num_classes, seed).state_dict().items()}
+
+
+def _in_fresh_process(fn, *args):
+    """fn(*args) in a new process: separate memory pools, compile caches and peak-memory counters."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _measure_row(spec: dict, args: dict) -> dict:
+    config = _config(spec['model'], spec['batch'], spec['dtype'], spec['source'], spec['remat'],
+                     args['image_size'], args['num_examples'], args['dataset'], args['peak_tflops'])
+    row = dict(spec, image_size=config.data.image_size)
+    if args['max_batch']:
+        row.update(_in_fresh_process(largest_batch, config))
+        return row
+    weights = None
+    if args['vs_torch']:
+        weights = _in_fresh_process(_torch_weights, spec['model'], config.model.num_classes, 0)
+    row.update(_in_fresh_process(measure_jax, config, args['steps'], args['warmup'], args['window'], weights))
+    row['projected_minutes'] = args['projected_steps'] * row['step_ms_median'] / 6e4
+    if args['vs_torch']:
+        modes = ('eager', 'compile') if args['torch_compile'] else ('eager',)
+        for mode in modes:
+            t = _in_fresh_process(_torch_row, spec['model'], config, mode == 'compile', args['steps'],
+                                  args['warmup'], 0)
+            row[f'torch_{mode}'] = t
+            row[f'ratio_vs_torch_{mode}'] = row['images_per_sec'] / t['images_per_sec']
+    return row
+
+
+def _fmt(value, spec: str = '.0f') -> str:
+    return '-' if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a Markdown table (the README's Performance table has these columns)."""
+    if rows and 'max_batch' in rows[0]:
+        head = '| model | dtype | remat | image | device | largest batch | memory GiB (limit) | img/s at it | compiles |'
+        lines = [head, '|' + '---|' * (head.count('|') - 1)]
+        for r in rows:
+            lines.append(f"| {r['model']} | {r['dtype']} | {r['remat']} | {r['image_size']} | {r.get('device_kind', '-')} "
+                         f"| {r['max_batch']} | {_fmt(r['memory_gib'], '.1f')} ({_fmt(r['device_limit_gib'], '.1f')}) "
+                         f"| {_fmt(r.get('images_per_sec'))} | {r['compiles']} |")
+        return '\n'.join(lines)
+    head = ('| model | batch | dtype | source | remat | device | img/s | img/s/device | step ms (p10-p90) | '
+            'compile s | MFU | memory GiB | torch eager img/s | torch compile img/s | ratio eager | ratio compile '
+            '| first loss (ours / torch) | projected min |')
+    lines = [head, '|' + '---|' * (head.count('|') - 1)]
+    for r in rows:
+        eager, compiled = r.get('torch_eager') or {}, r.get('torch_compile') or {}
+        torch_loss = eager.get('first_loss')
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['source']} | {r['remat']} | {r['device_kind']} x{r['num_devices']} "
+            f"| {_fmt(r['images_per_sec'])} | {_fmt(r['images_per_sec_per_device'])} "
+            f"| {r['step_ms_median']:.2f} ({r['step_ms_p10']:.2f}-{r['step_ms_p90']:.2f}) | {r['compile_seconds']:.1f} "
+            f"| {_fmt(r['mfu'], '.1%')} | {_fmt(r['memory_gib'], '.2f')} "
+            f"| {_fmt(eager.get('images_per_sec'))} | {_fmt(compiled.get('images_per_sec'))} "
+            f"| {_fmt(r.get('ratio_vs_torch_eager'), '.2f')} | {_fmt(r.get('ratio_vs_torch_compile'), '.2f')} "
+            f"| {_fmt(r['first_loss'], '.4f')} / {_fmt(torch_loss, '.4f')} | {_fmt(r['projected_minutes'], '.1f')} |")
+    return '\n'.join(lines)
+
+
+def _parse_rows() -> list[dict]:
+    """The cartesian product of the list flags, checked before anything is compiled."""
+    from resnet_jax.models.design import DTYPES
+    from resnet_jax.models.registry import PRESETS, close_matches
+
+    for model in FLAGS.model:
+        if model not in PRESETS:
+            raise BenchError(f'--model: unknown model {model!r}.{close_matches(model, PRESETS)} '
+                             'Run python -m resnet_jax.models.summary for the list.')
+    for name, values, allowed in (('dtype', FLAGS.dtype, tuple(DTYPES)), ('source', FLAGS.source, SOURCES),
+                                  ('remat', FLAGS.remat, ('false', 'true'))):
+        for v in values:
+            if v not in allowed:
+                raise BenchError(f'--{name}: {v!r} is not one of {", ".join(allowed)}')
+    try:
+        batches = [int(b) for b in FLAGS.batch_size]
+    except ValueError:
+        raise BenchError(f'--batch_size: {",".join(FLAGS.batch_size)} must be comma-separated integers') from None
+    if min(batches) < 1 or min(FLAGS.steps, FLAGS.warmup, FLAGS.window) < 1:
+        raise BenchError('--batch_size, --steps, --warmup and --window must be positive')
+    for flag in ('vs_torch', 'max_batch'):
+        if FLAGS[flag].value and set(FLAGS.source) != {'synthetic'}:
+            raise BenchError(f'--{flag} measures the step alone: use --source=synthetic')
+    return [dict(model=m, batch=b, dtype=d, source=s, remat=r == 'true')
+            for m, b, d, s, r in itertools.product(FLAGS.model, batches, FLAGS.dtype, FLAGS.source, FLAGS.remat)]
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    try:
+        specs = _parse_rows()
+    except BenchError as e:
+        sys.exit(f'error: {e}')
+    args = {k: FLAGS[k].value for k in ('image_size', 'num_examples', 'dataset', 'peak_tflops', 'max_batch',
+                                         'vs_torch', 'torch_compile', 'steps', 'warmup', 'window',
+                                         'projected_steps')}
+    rows = []
+    for spec in specs:
+        rows.append(_measure_row(spec, args))
+        print(json.dumps(rows[-1]), flush=True)
+    if FLAGS.json:
+        with open(FLAGS.json, 'w') as f:
+            json.dump(rows, f, indent=2)
+    print(table(rows))
+
+
+if __name__ == '__main__':
+    app.run(main)
