@@ -48,6 +48,7 @@ flags.DEFINE_string('dataset', 'synthetic', "dataset of the 'device' and 'host' 
 flags.DEFINE_bool('vs_torch', False, 'also time the same model, batch and precision in PyTorch (eager and compiled)')
 flags.DEFINE_bool('torch_compile', True, 'with --vs_torch, include torch.compile')
 flags.DEFINE_bool('max_batch', False, 'instead of timing, find the largest batch whose step fits in device memory')
+flags.DEFINE_float('memory_limit_gib', None, "with --max_batch: the memory to fit in; default: the device allocator's limit")
 flags.DEFINE_float('peak_tflops', None, "device peak TFLOP/s for MFU; default: the training loop's table")
 flags.DEFINE_integer('projected_steps', DEFAULT_STEPS_PROJECTED, 'steps for the projected-time column')
 flags.DEFINE_string('json', None, 'write the rows to this JSON file')
@@ -100,16 +101,11 @@ def _memory_gib(compiled) -> float | None:
     return total / 2 ** 30
 
 
-def _device_peak_gib() -> float | None:
+def _device_memory_gib(stat: str) -> float | None:
+    """A statistic of the first device's allocator ('peak_bytes_in_use', 'bytes_limit'), if it keeps one."""
     import jax
     stats = jax.local_devices()[0].memory_stats() or {}
-    return stats['peak_bytes_in_use'] / 2 ** 30 if 'peak_bytes_in_use' in stats else None
-
-
-def _device_limit_gib() -> float | None:
-    import jax
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return stats['bytes_limit'] / 2 ** 30 if 'bytes_limit' in stats else None
+    return stats[stat] / 2 ** 30 if stat in stats else None
 
 
 def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None) -> dict:
@@ -165,49 +161,57 @@ def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None
             'step_ms_p90': 1e3 * _percentile(per_step, 0.9), 'compile_seconds': compile_seconds,
             'tflop_per_step_per_device': flops / 1e12,
             'mfu': flops / median / peak if peak and flops else None,
-            'memory_gib': _memory_gib(compiled), 'device_peak_gib': _device_peak_gib(),
-            'device_limit_gib': _device_limit_gib(), 'first_loss': first_loss,
+            'memory_gib': _memory_gib(compiled), 'device_peak_gib': _device_memory_gib('peak_bytes_in_use'),
+            'device_limit_gib': _device_memory_gib('bytes_limit'), 'first_loss': first_loss,
             'device_kind': jax.devices()[0].device_kind, 'num_devices': devices,
             'xla_flags': os.environ.get('XLA_FLAGS', '')}
 
 
-def largest_batch(config, granularity: int = 32) -> dict:
-    """The largest global batch (a multiple of `granularity`) whose step fits the device's memory.
+def largest_batch(config, limit_gib: float | None = None, granularity: int = 32) -> dict:
+    """The largest global batch (a multiple of `granularity`) whose step fits in device memory.
 
     The compiler's memory analysis of the step is affine in the batch size, so two compiles
     (at 128 and 256) predict the limit, and compiles at the prediction and its neighbours
-    settle it without ever running out of memory. The batch found then runs for real.
+    settle it without ever running out of memory. These compiles skip GPU autotuning, which
+    changes speed, not size. The batch found then runs for real. `limit_gib` defaults to
+    what the device's allocator may use (set XLA_PYTHON_CLIENT_MEM_FRACTION to raise it).
     """
     import jax
 
     from resnet_jax.train import loop, sharding
 
-    limit = _device_limit_gib()
+    limit = limit_gib or _device_memory_gib('bytes_limit')
     if limit is None:
-        raise BenchError('--max_batch needs a device that reports its memory limit (a GPU or TPU)')
+        raise BenchError('--max_batch needs --memory_limit_gib on a device that reports no memory limit (a CPU)')
+    options = {'xla_gpu_autotune_level': 0} if jax.default_backend() == 'gpu' else {}
     sizes: dict[int, float] = {}
 
     def fits(batch: int) -> bool:
-        config.batch_size = config.eval_batch_size = config.data.num_train = config.data.num_eval = batch
-        run = loop.Run(config)
-        size, data = config.data.image_size, sharding.batch_sharding(run.mesh)
-        abstract = {'image': jax.ShapeDtypeStruct((batch, size, size, 3), 'uint8', sharding=data),
-                    'label': jax.ShapeDtypeStruct((batch,), 'int32', sharding=data)}
-        sizes[batch] = _memory_gib(run.train_step.lower(run.abstract_state, abstract, jax.random.key(0)).compile())
+        if batch not in sizes:
+            config.batch_size = config.eval_batch_size = config.data.num_train = config.data.num_eval = batch
+            run = loop.Run(config)
+            size, data = config.data.image_size, sharding.batch_sharding(run.mesh)
+            abstract = {'image': jax.ShapeDtypeStruct((batch, size, size, 3), 'uint8', sharding=data),
+                        'label': jax.ShapeDtypeStruct((batch,), 'int32', sharding=data)}
+            lowered = run.train_step.lower(run.abstract_state, abstract, jax.random.key(0))
+            sizes[batch] = _memory_gib(lowered.compile(compiler_options=options))
         return sizes[batch] <= limit
 
     fits(128), fits(256)
     per_example = (sizes[256] - sizes[128]) / 128
-    batch = int((limit - sizes[128]) / per_example + 128) // granularity * granularity
-    while batch > granularity and not fits(batch):
+    batch = max(granularity, int((limit - sizes[128]) / per_example + 128) // granularity * granularity)
+    while not fits(batch):
+        if batch == granularity:
+            return {'max_batch': 0, 'memory_gib': None, 'next_memory_gib': sizes[batch], 'device_limit_gib': limit,
+                    'compiles': len(sizes), 'device_kind': jax.devices()[0].device_kind}
         batch -= granularity
     while fits(batch + granularity):
         batch += granularity
     config.batch_size = config.eval_batch_size = config.data.num_train = config.data.num_eval = batch
     timed = measure_jax(config, steps=1, warmup=1, window=1)
-    return {'max_batch': batch, 'memory_gib': sizes[batch], 'device_limit_gib': limit,
-            'device_peak_gib': timed['device_peak_gib'], 'images_per_sec': timed['images_per_sec'],
-            'compiles': len(sizes), 'device_kind': timed['device_kind']}
+    return {'max_batch': batch, 'memory_gib': sizes[batch], 'next_memory_gib': sizes[batch + granularity],
+            'device_limit_gib': limit, 'device_peak_gib': timed['device_peak_gib'],
+            'images_per_sec': timed['images_per_sec'], 'compiles': len(sizes), 'device_kind': timed['device_kind']}
 
 
 def _torch_row(name: str, config, compile: bool, steps: int, warmup: int, seed: int) -> dict:
@@ -244,7 +248,7 @@ def _measure_row(spec: dict, args: dict) -> dict:
                      args['image_size'], args['num_examples'], args['dataset'], args['peak_tflops'])
     row = dict(spec, image_size=config.data.image_size)
     if args['max_batch']:
-        row.update(_in_fresh_process(largest_batch, config))
+        row.update(_in_fresh_process(largest_batch, config, args['memory_limit_gib']))
         return row
     weights = None
     if args['vs_torch']:
@@ -272,7 +276,7 @@ def table(rows: list[dict]) -> str:
         lines = [head, '|' + '---|' * (head.count('|') - 1)]
         for r in rows:
             lines.append(f"| {r['model']} | {r['dtype']} | {r['remat']} | {r['image_size']} | {r.get('device_kind', '-')} "
-                         f"| {r['max_batch']} | {_fmt(r['memory_gib'], '.1f')} ({_fmt(r['device_limit_gib'], '.1f')}) "
+                         f"| {r['max_batch']} | {_fmt(r['memory_gib'], '.2f')} ({_fmt(r['device_limit_gib'], '.2f')}) "
                          f"| {_fmt(r.get('images_per_sec'))} | {r['compiles']} |")
         return '\n'.join(lines)
     head = ('| model | batch | dtype | source | remat | device | img/s | img/s/device | step ms (p10-p90) | '
@@ -327,7 +331,7 @@ def main(argv):
         specs = _parse_rows()
     except BenchError as e:
         sys.exit(f'error: {e}')
-    args = {k: FLAGS[k].value for k in ('image_size', 'num_examples', 'dataset', 'peak_tflops', 'max_batch',
+    args = {k: FLAGS[k].value for k in ('image_size', 'num_examples', 'dataset', 'peak_tflops', 'max_batch', 'memory_limit_gib',
                                          'vs_torch', 'torch_compile', 'steps', 'warmup', 'window',
                                          'projected_steps')}
     rows = []

@@ -198,6 +198,9 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
                          f'(mesh data={data} x fsdp={fsdp}); use a multiple of {shards}')
 
     if num_train is not None:
+        if config.data.feed == 'device' and config.batch_size > num_train // shards * shards:
+            _fail('batch_size', f"{config.batch_size} exceeds the {num_train // shards * shards} examples that "
+                                f"data.feed='device' holds over {shards} shards; use a smaller batch or data.feed='host'")
         steps = total_steps(config, num_train)
         boundaries, warmup = schedule_steps(config, num_train)
         for b in boundaries if config.optim.schedule == 'piecewise' else []:

@@ -1,0 +1,69 @@
+"""python -m resnet_jax.bench on the CPU: the table, the JSON, and the PyTorch comparison.
+
+Timings on a shared 2-core machine mean nothing, so these tests check what must hold at any
+speed: both frameworks start from the same weights and compute the same first loss, the
+derived columns follow from the measured ones, every source runs, the
+largest-batch search brackets the memory limit, and bad flags fail before any work.
+"""
+
+import json
+
+import pytest
+
+from resnet_jax.models import get_model
+from resnet_jax.models.summary import count_macs
+from test_train import run_module
+
+TINY = ['--model=resnet20', '--image_size=16', '--dtype=float32', '--steps=2', '--window=1', '--warmup=1']
+
+
+def bench(tmp_path, *flags):
+    out = tmp_path / 'rows.json'
+    result = run_module(['-m', 'resnet_jax.bench', *TINY, *flags, f'--json={out}'])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, json.loads(out.read_text())
+
+
+def test_same_first_loss_as_pytorch_and_consistent_columns(tmp_path):
+    stdout, (row,) = bench(tmp_path, '--batch_size=8', '--vs_torch', '--torch_compile=false', '--peak_tflops=1')
+    torch = row['torch_eager']
+    # Same initial weights (torch's init, converted) and the same normalised batch: float32
+    # losses agree to rounding (measured ~1e-7 relative); a wrong layout or BN mode is >1e-2 off.
+    assert row['first_loss'] == pytest.approx(torch['first_loss'], rel=1e-5)
+    assert torch['source'] == 'torch.nn reference'  # no torchvision on the CPU machines
+    assert row['ratio_vs_torch_eager'] == pytest.approx(row['images_per_sec'] / torch['images_per_sec'])
+    assert row['tflop_per_step_per_device'] * 1e12 == 6 * count_macs(get_model('resnet20'), 16) * 8
+    seconds = row['step_ms_median'] / 1e3
+    assert row['images_per_sec'] == pytest.approx(8 / seconds)
+    assert row['mfu'] == pytest.approx(row['tflop_per_step_per_device'] / seconds)  # peak 1 TFLOP/s
+    assert row['step_ms_p10'] <= row['step_ms_median'] <= row['step_ms_p90']
+    assert row['projected_minutes'] == pytest.approx(64_000 * seconds / 60)
+    assert 0 < row['memory_gib'] < 1 and row['compile_seconds'] > 0
+    lines = stdout.strip().splitlines()
+    assert lines[-3].startswith('| model | batch | dtype | source |') and lines[-1].startswith('| resnet20 | 8 |')
+
+
+def test_every_source(tmp_path):
+    _, rows = bench(tmp_path, '--batch_size=16', '--source=synthetic,device,host', '--num_examples=64')
+    assert [r['source'] for r in rows] == ['synthetic', 'device', 'host']
+    assert len({r['first_loss'] for r in rows}) == 3  # each source draws its own first batch
+    assert rows[1]['tflop_per_step_per_device'] == rows[0]['tflop_per_step_per_device']
+
+
+def test_largest_batch_brackets_the_memory_limit(tmp_path):
+    stdout, (row,) = bench(tmp_path, '--max_batch', '--memory_limit_gib=0.15')
+    assert row['max_batch'] > 0 and row['max_batch'] % 32 == 0
+    assert row['memory_gib'] <= 0.15 < row['next_memory_gib']
+    assert row['compiles'] <= 5 and row['images_per_sec'] > 0  # the batch found really ran
+    assert '| largest batch |' in stdout
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--model=resnet51'], "--model: unknown model 'resnet51'"),
+    (['--source=disk'], "--source: 'disk' is not one of synthetic, device, host"),
+    (['--batch_size=8,x'], '--batch_size: 8,x must be comma-separated integers'),
+    (['--vs_torch', '--source=device'], '--vs_torch measures the step alone: use --source=synthetic'),
+])
+def test_bad_flags_fail_with_a_message(flags, message):
+    result = run_module(['-m', 'resnet_jax.bench', *flags], timeout=120)
+    assert result.returncode != 0 and f'error: {message}' in result.stderr
