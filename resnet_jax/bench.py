@@ -167,6 +167,11 @@ def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None
             'xla_flags': os.environ.get('XLA_FLAGS', '')}
 
 
+def _set_batch(config, batch: int) -> None:
+    """Point a synthetic-source config at another batch size (one batch of data is all it needs)."""
+    config.batch_size = config.eval_batch_size = config.data.num_train = config.data.num_eval = batch
+
+
 def largest_batch(config, limit_gib: float | None = None, granularity: int = 32) -> dict:
     """The largest global batch (a multiple of `granularity`) whose step fits in device memory.
 
@@ -188,7 +193,7 @@ def largest_batch(config, limit_gib: float | None = None, granularity: int = 32)
 
     def fits(batch: int) -> bool:
         if batch not in sizes:
-            config.batch_size = config.eval_batch_size = config.data.num_train = config.data.num_eval = batch
+            _set_batch(config, batch)
             run = loop.Run(config)
             size, data = config.data.image_size, sharding.batch_sharding(run.mesh)
             abstract = {'image': jax.ShapeDtypeStruct((batch, size, size, 3), 'uint8', sharding=data),
@@ -207,7 +212,7 @@ def largest_batch(config, limit_gib: float | None = None, granularity: int = 32)
         batch -= granularity
     while fits(batch + granularity):
         batch += granularity
-    config.batch_size = config.eval_batch_size = config.data.num_train = config.data.num_eval = batch
+    _set_batch(config, batch)
     timed = measure_jax(config, steps=1, warmup=1, window=1)
     return {'max_batch': batch, 'memory_gib': sizes[batch], 'next_memory_gib': sizes[batch + granularity],
             'device_limit_gib': limit, 'device_peak_gib': timed['device_peak_gib'],
@@ -217,6 +222,7 @@ def largest_batch(config, limit_gib: float | None = None, granularity: int = 32)
 def _torch_row(name: str, config, compile: bool, steps: int, warmup: int, seed: int) -> dict:
     """PyTorch's numbers for the same model, batch and precision, on the same first batch."""
     import numpy as np
+    import torch
 
     from resnet_jax import bench_torch
     from resnet_jax.data import arrays
@@ -224,7 +230,6 @@ def _torch_row(name: str, config, compile: bool, steps: int, warmup: int, seed: 
     ds = arrays.load(config, config.data.train_split)
     model = bench_torch.make_model(name, ds.num_classes, seed)
     mean, std = ds.channel_stats()
-    import torch
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     return bench_torch.measure(model, np.asarray(ds.images[:config.batch_size]),
                                np.asarray(ds.labels[:config.batch_size]), mean, std, dtype=config.model.dtype,
