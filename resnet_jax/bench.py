@@ -124,11 +124,11 @@ def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None
                                              opt_state=run.optimizer.init(variables['params'])),
                                run.state_sharding)
     if config.data.dataset == 'synthetic' and config.data.feed == 'host':
-        batch = {'image': run.train_ds.images[:config.batch_size], 'label': run.train_ds.labels[:config.batch_size]}
+        batch = {'image': run.train_data.images[:config.batch_size], 'label': run.train_data.labels[:config.batch_size]}
         fixed = sharding.global_batch(batch, run.mesh)
         next_input = lambda: fixed  # noqa: E731  (the same device-resident batch every step)
     else:
-        next_input = run.train_inputs(0)
+        next_input = run.train_inputs(0)[1]
     rng = jax.random.key(config.seed)
     inputs = next_input()
     t0 = time.perf_counter()
@@ -225,9 +225,9 @@ def _torch_row(name: str, config, compile: bool, steps: int, warmup: int, seed: 
     import torch
 
     from resnet_jax import bench_torch
-    from resnet_jax.data import arrays
+    from resnet_jax.data import sources
 
-    ds = arrays.load(config, config.data.train_split)
+    ds = sources.load(config, config.data.train_split)
     model = bench_torch.make_model(name, ds.num_classes, seed)
     mean, std = ds.channel_stats()
     device = 'cuda' if torch.cuda.is_available() else 'cpu'

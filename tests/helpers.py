@@ -1,4 +1,6 @@
-"""Helpers shared by the model tests."""
+"""Helpers shared by the tests."""
+
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +36,6 @@ def images(shape, seed=0):
 
 def tiny_config(**overrides):
     """A ResNet-8 of width 8 on 8x8 'shapes' images: a real run that compiles in seconds."""
-    from pathlib import Path
-
     from resnet_jax.train.config import from_file
 
     c = from_file(str(Path(__file__).parents[1] / 'experiments' / 'quickstart.py'))
@@ -60,3 +60,80 @@ def tiny_config(**overrides):
             node = node[p]
         node[leaf] = value
     return c
+
+
+CIFAR10_JPEG = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10-jpeg' / 'cifar10_jpeg.tar.gz'
+
+
+def cifar10_jpeg() -> Path:
+    """The CIFAR-10 JPEG folder (train/ and test/), unpacked once from ../shared into a cache outside
+    the repository ($RESNET_JAX_CACHE, default /tmp/resnet_jax_cache); safe under pytest-xdist."""
+    import os
+    import tarfile
+    import tempfile
+
+    cache = Path(os.environ.get('RESNET_JAX_CACHE', '/tmp/resnet_jax_cache'))
+    root = cache / 'cifar10-jpeg'
+    if not (root / 'test').is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache))
+        with tarfile.open(CIFAR10_JPEG) as tar:
+            tar.extractall(staging, filter='data')
+        try:
+            os.rename(staging, root)  # atomic: another worker sees all of it or none
+        except OSError:  # another worker got there first
+            import shutil
+            shutil.rmtree(staging)
+    return root
+
+
+def png_bytes(image) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format='PNG')
+    return buf.getvalue()
+
+
+def random_image(rng, height: int, width: int):
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def make_image_folder(root: Path, splits: dict[str, int], classes=('cat', 'ant', 'bee'), seed: int = 0) -> Path:
+    """root/<split>/<class>/<i>.png with `splits[split]` images per class, of varied sizes."""
+    rng = np.random.default_rng(seed)
+    for split, per_class in splits.items():
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                (root / split / name / f'{i:03d}.png').write_bytes(png_bytes(random_image(rng, 20 + i % 7, 24 + i % 5)))
+    return root
+
+
+def build_tfds_dataset(data_dir: Path, num_train: int = 40, num_test: int = 13) -> str:
+    """A small TFDS image-classification dataset 'tiny_shapes' prepared as ArrayRecord in `data_dir`,
+    with images of varied sizes, built without TensorFlow (images handed over PNG-encoded)."""
+    import io
+
+    import tensorflow_datasets as tfds
+
+    class TinyShapes(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version('1.0.0')
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, supervised_keys=('image', 'label'), features=tfds.features.FeaturesDict({
+                'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
+                'label': tfds.features.ClassLabel(names=['red', 'green', 'blue', 'grey'])}))
+
+        def _split_generators(self, dl_manager):
+            return {'train': self._generate_examples(0, num_train), 'test': self._generate_examples(1, num_test)}
+
+        def _generate_examples(self, seed, n):
+            rng = np.random.default_rng(seed)
+            for i in range(n):
+                yield i, {'image': io.BytesIO(png_bytes(random_image(rng, 18 + i % 5, 22 + i % 3))), 'label': i % 4}
+
+    TinyShapes(data_dir=str(data_dir), file_format='array_record').download_and_prepare()
+    return 'tiny_shapes'

@@ -25,7 +25,7 @@ def train(devices, data, fsdp):
     config.mesh.fsdp_min_size = 1
     run = Run(config, devices)
     state = run.initial_state()
-    batches = arrays.train_batches(run.train_ds, config.batch_size, config.seed)
+    batches = arrays.train_batches(run.train_data, config.batch_size, config.seed)
     rng = jax.random.key(config.seed)
     for _ in range(STEPS):
         state, _ = run.train_step(state, sharding.global_batch(next(batches), run.mesh), rng)

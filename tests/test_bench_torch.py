@@ -24,7 +24,8 @@ from resnet_jax.bench_torch import REFERENCE, TORCHVISION, make_model, measure, 
 from resnet_jax.models.registry import get_model
 from resnet_jax.models.torchvision_import import from_torchvision
 from resnet_jax.torch_reference import CIFAR_CONFIGS, ZeroPadShortcut, randomize_, reference_resnet
-from resnet_jax.train.step import cross_entropy, normalize
+from resnet_jax.data.augment import normalize
+from resnet_jax.train.step import cross_entropy
 
 # As in test_torch_equivalence: errors are measured against the largest logit. Measured: ~3e-7 in
 # eval mode; in training mode ~7e-7 for resnet20 but ~5e-6 (at most 7e-6 over 24 draws) for plain20,

@@ -169,7 +169,7 @@ def device_fed_training(devices) -> dict:
     run = Run(config, devices)
     state, rng = run.initial_state(), jax.random.key(config.seed)
     initial = jax.device_get(state.params)
-    dataset = run.train_inputs(0)()
+    dataset = run.train_inputs(0)[1]()
     batches = [jax.device_get(device_data.batch_at(dataset, config.seed, t, config.batch_size, run.mesh))
                for t in range(2)]
     for _ in range(2):
@@ -299,7 +299,7 @@ def test_resumed_device_fed_run_matches_an_uninterrupted_one(tmp_path):
     # Control: steps 4..7 replayed from the step-4 checkpoint reproduce the run, while the same
     # steps numbered 0..3 (optimizer state unchanged, so the same learning rates) draw batches
     # 0..3 again and end elsewhere. Were batch_at to ignore the step, both would match.
-    dataset, rng = run.train_inputs(0)(), jax.random.key(run.config.seed)
+    dataset, rng = run.train_inputs(0)[1](), jax.random.key(run.config.seed)
     for first_step, should_match in ((4, True), (0, False)):
         state = params_at(stopped, 4, run)
         state = state.replace(step=jax.device_put(jnp.int32(first_step), state.step.sharding))

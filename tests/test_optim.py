@@ -8,7 +8,7 @@ import pytest
 
 from helpers import tiny_config
 from resnet_jax.train import optim
-from resnet_jax.train.step import cross_entropy
+from resnet_jax.train.step import cross_entropy, preprocess
 
 
 def schedule(num_train=50_000, **overrides):
@@ -104,5 +104,8 @@ def test_label_smoothing_cross_entropy():
     logits = jnp.array([[2.0, 0.0, -1.0]])
     log_p = jax.nn.log_softmax(logits)[0]
     smoothed = -(0.9 + 0.1 / 3) * log_p[0] - (0.1 / 3) * (log_p[1] + log_p[2])
-    np.testing.assert_allclose(cross_entropy(logits, jnp.array([0]), 3, 0.1)[0], smoothed, rtol=1e-6)
+    batch = {'image': np.zeros((1, 2, 2, 3), np.uint8), 'label': np.array([0])}
+    config = sgd_config(**{'optim.label_smoothing': 0.1, 'data.augment': 'none'})
+    _, targets = preprocess(jax.random.key(0), batch, config, 3, (0.5,) * 3, (0.25,) * 3)
+    np.testing.assert_allclose(optax.softmax_cross_entropy(logits, targets)[0], smoothed, rtol=1e-6)
     np.testing.assert_allclose(cross_entropy(logits, jnp.array([0]), 3)[0], -log_p[0], rtol=1e-6)

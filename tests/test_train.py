@@ -44,12 +44,12 @@ def test_data_parallel_and_fsdp_match_one_device():
 
 def test_evaluation_covers_every_example_of_a_ragged_split():
     run = Run(tiny_config())
-    assert len(run.eval_ds) % run.config.eval_batch_size != 0  # 103 examples, batches of 24
+    assert len(run.eval_data) % run.config.eval_batch_size != 0  # 103 examples, batches of 24
     state = run.initial_state()
     metrics = run.evaluate(state)
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     correct, losses = [], []
-    for image, label in zip(run.eval_ds.images, run.eval_ds.labels):  # one example at a time
+    for image, label in zip(run.eval_data.images, run.eval_data.labels):  # one example at a time
         x = (image[None].astype(np.float32) / 255.0 - np.asarray(run.mean)) / np.asarray(run.std)
         logits = run.model.apply(variables, jnp.asarray(x, jnp.float32), train=False)
         correct.append(float(topk_correct(logits, jnp.asarray([label]), 1)[0]))
@@ -127,7 +127,7 @@ def test_global_batch_assembles_process_local_data():
 def test_ema_follows_its_recursion():
     run = Run(tiny_config(**{'optim.ema_decay': 0.5}))
     state = run.initial_state()
-    batches = arrays.train_batches(run.train_ds, run.config.batch_size, run.config.seed)
+    batches = arrays.train_batches(run.train_data, run.config.batch_size, run.config.seed)
     history = [jax.device_get(state.params)]
     for _ in range(2):
         state, _ = run.train_step(state, sharding.global_batch(next(batches), run.mesh), jax.random.key(0))

@@ -1,7 +1,8 @@
 """In-memory image datasets and the batch order every process agrees on.
 
 A dataset here is uint8 NHWC images with int32 labels held in host memory: the generated
-'shapes' quickstart set, 'synthetic' noise for smoke tests, or an image folder decoded once.
+'shapes' quickstart set, 'synthetic' noise for smoke tests, or any source decoded once
+(`sources.load`).
 Batch t of a run is a pure function of (seed, t): example p = t * batch + i of the
 concatenated per-epoch permutations, so a resumed run sees the batches it would have seen,
 and each process takes its contiguous slice of every global batch.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -24,59 +24,42 @@ class ArrayDataset:
     images: np.ndarray  # uint8 (N, H, W, 3)
     labels: np.ndarray  # int32 (N,)
     num_classes: int
+    skipped: int = 0  # unreadable files left out when it was decoded
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+    def name(self, i: int) -> str:
+        return f'example {i}'
+
     def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std of the images in [0, 1], for normalisation."""
-        x = self.images.reshape(-1, self.images.shape[-1]).astype(np.float64) / 255.0
-        return tuple(x.mean(0).tolist()), tuple(x.std(0).tolist())
+        channels = self.images.shape[-1]
+        total, squares = np.zeros(channels, np.uint64), np.zeros(channels, np.uint64)
+        for start in range(0, len(self.images), 4096):  # exact integer sums, in chunks: no 1 GB float copy
+            x = self.images[start:start + 4096].reshape(-1, channels).astype(np.uint32)
+            total += x.sum(0, dtype=np.uint64)
+            squares += (x * x).sum(0, dtype=np.uint64)
+        n = self.images.size // channels
+        mean = total.astype(np.float64) / n
+        std = np.sqrt(squares.astype(np.float64) / n - mean ** 2)
+        return tuple((mean / 255.0).tolist()), tuple((std / 255.0).tolist())
 
 
-DATASETS = ('shapes', 'synthetic', 'folder:<path>')
-
-
-def load(config, split: str) -> ArrayDataset:
-    """The `split` of `config.data.dataset` at `config.data.image_size`."""
+def generated(config, split: str) -> ArrayDataset:
+    """The generated 'shapes' or 'synthetic' split at data.image_size, of data.num_train/num_eval examples."""
     d = config.data
     is_train = split == d.train_split
     if d.dataset == 'shapes':
         images, labels = shapes.splits(d.image_size, d.num_train, d.num_eval, seed=0)['train' if is_train else 'test']
         return ArrayDataset(images, labels, len(shapes.CLASSES))
-    if d.dataset == 'synthetic':  # as many classes as the model has (10 unless it says otherwise)
-        rng = np.random.default_rng(0 if is_train else 1)
-        n, classes = (d.num_train if is_train else d.num_eval), config.model.num_classes or 10
-        images = rng.integers(0, 256, (n, d.image_size, d.image_size, 3), dtype=np.uint8)
-        return ArrayDataset(images, rng.integers(0, classes, n).astype(np.int32), classes)
-    if d.dataset.startswith('folder:'):
-        return load_folder(os.path.join(d.dataset[len('folder:'):], split), d.image_size)
-    raise ValueError(f'config.data.dataset={d.dataset!r} is not supported; choose one of: {", ".join(DATASETS)}')
-
-
-def load_folder(root: str, image_size: int) -> ArrayDataset:
-    """Decode `root/<class>/<file>` into memory; classes are the sorted sub-folder names."""
-    from PIL import Image
-
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f'image folder {root!r} does not exist (expected <root>/<split>/<class>/<file>)')
-    classes = sorted(c for c in os.listdir(root) if os.path.isdir(os.path.join(root, c)))
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for file in sorted(os.listdir(os.path.join(root, name))):
-            path = os.path.join(root, name, file)
-            try:
-                with Image.open(path) as im:
-                    im = im.convert('RGB')
-                    if im.size != (image_size, image_size):
-                        im = im.resize((image_size, image_size), Image.BILINEAR)
-                    images.append(np.asarray(im, np.uint8))
-            except OSError as e:
-                raise ValueError(f'cannot read image {path}: {e}') from e
-            labels.append(label)
-    if not images:
-        raise ValueError(f'image folder {root!r} holds no images in class sub-folders')
-    return ArrayDataset(np.stack(images), np.asarray(labels, np.int32), len(classes))
+    rng = np.random.default_rng(0 if is_train else 1)  # 'synthetic': as many classes as the model has
+    n, classes = (d.num_train if is_train else d.num_eval), config.model.num_classes or 10
+    images = rng.integers(0, 256, (n, d.image_size, d.image_size, 3), dtype=np.uint8)
+    return ArrayDataset(images, rng.integers(0, classes, n).astype(np.int32), classes)
 
 
 def _local_slice(global_batch: int, process_index: int, process_count: int) -> slice:
@@ -87,9 +70,13 @@ def _local_slice(global_batch: int, process_index: int, process_count: int) -> s
 def train_indices(num_examples: int, global_batch: int, seed: int, step: int) -> np.ndarray:
     """Dataset indices of global batch `step`: positions step*B .. step*B+B-1 of the
     concatenation of per-epoch permutations drawn from (seed, epoch)."""
-    positions = step * global_batch + np.arange(global_batch)
+    return indices_at(num_examples, seed, step * global_batch + np.arange(global_batch))
+
+
+def indices_at(num_examples: int, seed: int, positions: np.ndarray) -> np.ndarray:
+    """Dataset indices at `positions` of the concatenated per-epoch permutations."""
     epochs, offsets = np.divmod(positions, num_examples)
-    out = np.empty(global_batch, np.int64)
+    out = np.empty(len(positions), np.int64)
     for epoch in np.unique(epochs):
         out[epochs == epoch] = _epoch_permutation(num_examples, seed, int(epoch))[offsets[epochs == epoch]]
     return out

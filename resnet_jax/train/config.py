@@ -18,6 +18,7 @@ import re
 import ml_collections
 from ml_collections import config_dict
 
+from resnet_jax.data.sources import check_dataset_name
 from resnet_jax.models.design import BlockDesign, check_choice
 from resnet_jax.models.registry import PRESETS, close_matches, get_model
 
@@ -25,8 +26,9 @@ OPTIMIZERS = ('sgd', 'lars', 'adamw')
 SCHEDULES = ('piecewise', 'cosine', 'constant')
 WARMUPS = ('linear', 'constant')
 DECAY_TYPES = ('l2', 'decoupled')
-AUGMENTATIONS = ('none', 'cifar')
-FEEDS = ('host', 'device')
+AUGMENTATIONS = ('none', 'cifar', 'inception')
+FEEDS = ('host', 'device', 'stream')
+ON_CORRUPT = ('error', 'skip')
 PARAM_RULES = ('replicate', 'fsdp')
 
 
@@ -54,12 +56,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = _model_section()
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset = 'shapes'          # 'shapes', 'synthetic', 'folder:<path>'
+    c.data.dataset = 'shapes'          # 'shapes', 'synthetic', 'folder:<path>', 'tfds:<name>[:<version>]'
+    c.data.tfds_data_dir = config_dict.placeholder(str)  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.data.image_size = 32
-    c.data.train_split = 'train'
+    c.data.train_split = 'train'       # TFDS slicing works for tfds: datasets ('train[:90%]')
     c.data.eval_split = 'test'
-    c.data.augment = 'cifar'           # pad 4 + random crop + flip, on device
-    c.data.feed = 'host'               # 'host': batches from host memory; 'device': the whole set on device
+    c.data.train_subset = 0            # > 0: train on a fixed random subset of this many examples
+    c.data.feed = 'host'               # 'host': decoded in host memory; 'device': the whole set on device;
+                                       # 'stream': decoded and augmented per step by Grain workers
+    c.data.augment = 'cifar'           # 'cifar': pad 4, crop, flip; 'inception': random-resized crop, flip
+                                       # (stream feed); 'none'
+    c.data.eval_crop_fraction = 0.875  # 'inception' evaluation: resize to size / 0.875, centre crop
+    c.data.mixup_alpha = 0.0           # > 0: mixup with lam ~ Beta(alpha, alpha), on device
+    c.data.cutmix_alpha = 0.0          # > 0: CutMix; with both set, each batch uses one of them
+    c.data.mean = config_dict.placeholder(tuple)  # per-channel, in [0, 1]; None: measured on the data
+    c.data.std = config_dict.placeholder(tuple)
+    c.data.workers = 0                 # 'stream' feed: Grain worker processes (0: threads of this process)
+    c.data.on_corrupt = 'error'        # an unreadable image: 'error' names it, 'skip' leaves it out and counts it
     c.data.num_train = 10_000          # sizes of the generated 'shapes' and 'synthetic' sets
     c.data.num_eval = 2_000
 
@@ -161,6 +174,7 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
     _check_choice('optim.decay_type', config.optim.decay_type, DECAY_TYPES)
     _check_choice('data.augment', config.data.augment, AUGMENTATIONS)
     _check_choice('data.feed', config.data.feed, FEEDS)
+    _check_data(config.data)
     for pattern, rule in config.mesh.param_rules:
         _check_choice('mesh.param_rules', rule, PARAM_RULES)
         try:
@@ -209,6 +223,28 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
                                           f'({warmup + 1}..{steps - 1}); training has {steps} steps')
         if warmup >= steps:
             _fail('optim.warmup_steps', f'warm-up of {warmup} steps does not end before the {steps} training steps')
+
+
+def _check_data(d) -> None:
+    try:
+        check_dataset_name(d.dataset)
+    except ValueError as e:
+        _fail('data.dataset', str(e))
+    _check_choice('data.on_corrupt', d.on_corrupt, ON_CORRUPT)
+    if d.augment == 'inception' and d.feed != 'stream':
+        _fail('data.augment', "'inception' crops variable-size images on the host; it needs data.feed='stream'")
+    if d.feed == 'stream' and importlib.util.find_spec('grain') is None:
+        _fail('data.feed', "'stream' reads through Grain, which is not installed: pip install grain")
+    for field in ('mixup_alpha', 'cutmix_alpha', 'workers', 'train_subset'):
+        if d[field] < 0:
+            _fail(f'data.{field}', f'must be >= 0, got {d[field]}')
+    if not 0 < d.eval_crop_fraction <= 1:
+        _fail('data.eval_crop_fraction', f'must be in (0, 1], got {d.eval_crop_fraction}')
+    if (d.mean is None) != (d.std is None):
+        _fail('data.mean', 'set both data.mean and data.std, or neither')
+    for field in ('mean', 'std'):
+        if d[field] is not None and len(d[field]) != 3:
+            _fail(f'data.{field}', f'needs one value per RGB channel, got {d[field]}')
 
 
 def _check_choice(field, value, allowed):

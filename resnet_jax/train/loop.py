@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from resnet_jax import checkpoint
-from resnet_jax.data import arrays, device as device_data
+from resnet_jax.data import pipeline
 from resnet_jax.models import get_model
 from resnet_jax.models.summary import count_macs
 from resnet_jax.train import config as config_lib
@@ -54,20 +54,21 @@ class Run:
         devices = jax.devices() if devices is None else devices
         config_lib.validate(config, len(devices))
         self.config = config
-        self.train_ds = arrays.load(config, config.data.train_split)
-        self.eval_ds = arrays.load(config, config.data.eval_split)
-        config_lib.validate(config, len(devices), len(self.train_ds))
+        self.train_data = pipeline.open_split(config, config.data.train_split)
+        self.eval_data = pipeline.open_split(config, config.data.eval_split)
+        num_train = len(self.train_data)
+        config_lib.validate(config, len(devices), num_train)
         overrides = config_lib.model_overrides(config)
-        classes = overrides.setdefault('num_classes', self.train_ds.num_classes)
-        if classes != self.train_ds.num_classes:
+        classes = overrides.setdefault('num_classes', self.train_data.num_classes)
+        if classes != self.train_data.num_classes:
             raise config_lib.ConfigError(f'config.model.num_classes: {classes} differs from the '
-                                         f'{self.train_ds.num_classes} classes of {config.data.dataset}')
+                                         f'{self.train_data.num_classes} classes of {config.data.dataset}')
         self.model = get_model(config.model.name, **overrides)
         self.mesh = sharding.make_mesh(config, devices)
-        self.num_steps = config_lib.total_steps(config, len(self.train_ds))
-        self.optimizer = optim.make_optimizer(config, len(self.train_ds))
-        self.schedule = optim.lr_schedule(config, len(self.train_ds))
-        self.mean, self.std = self.train_ds.channel_stats()
+        self.num_steps = config_lib.total_steps(config, num_train)
+        self.optimizer = optim.make_optimizer(config, num_train)
+        self.schedule = optim.lr_schedule(config, num_train)
+        self.mean, self.std = pipeline.channel_stats(config, self.train_data)
         self.init = functools.partial(step_lib.create_state, self.model, self.optimizer,
                                       image_size=config.data.image_size, ema=config.optim.ema_decay > 0)
         state_shapes = jax.eval_shape(self.init, jax.random.key(0))
@@ -81,14 +82,12 @@ class Run:
         return jax.jit(self.init, out_shardings=self.state_sharding)(init_rng)
 
     def train_inputs(self, start_step: int):
-        """A function returning the train step's data argument for steps start_step, start_step+1, ...:
-        this process's slice of the next global batch, or the device-resident dataset itself."""
+        """(iterator, next_input): next_input() is the train step's data argument for steps start_step,
+        start_step+1, ...: the next global batch, or the device-resident dataset itself."""
+        batches = pipeline.train_iterator(self.config, self.train_data, self.mesh, start_step)
         if self.config.data.feed == 'device':
-            dataset = device_data.put(self.train_ds, self.mesh, self.config.seed)
-            return lambda: dataset
-        batches = arrays.train_batches(self.train_ds, self.config.batch_size, self.config.seed, start_step,
-                                       jax.process_index(), jax.process_count())
-        return lambda: sharding.global_batch(next(batches), self.mesh)
+            return batches, lambda: next(batches)
+        return batches, lambda: sharding.global_batch(next(batches), self.mesh)
 
     def evaluate(self, state) -> dict[str, float]:
         """Loss, top-1 and top-5 over the whole evaluation split, and the same for EMA parameters."""
@@ -99,8 +98,7 @@ class Run:
 
     def _evaluate(self, state, use_ema: bool, prefix: str) -> dict[str, float]:
         totals = None
-        for batch in arrays.eval_batches(self.eval_ds, self.config.eval_batch_size,
-                                         jax.process_index(), jax.process_count()):
+        for batch in pipeline.eval_batches(self.config, self.eval_data, jax.process_index(), jax.process_count()):
             out = self.eval_step(state, sharding.global_batch(batch, self.mesh), use_ema)
             totals = out if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, out)
         totals = jax.device_get(totals)
@@ -131,7 +129,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         manager.close()
         return final
 
-    next_input = run.train_inputs(start)
+    batches, next_input = run.train_inputs(start)
     first = next_input()
     t0 = time.perf_counter()
     compiled = run.train_step.lower(state, first, rng).compile()
@@ -159,6 +157,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             values = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
             elapsed = time.perf_counter() - window_start - paused  # training time only
             values['train/lr'] = float(run.schedule(done - 1))
+            if config.data.on_corrupt == 'skip':  # unreadable images left out at load or replaced in the stream
+                values['data/skipped_images'] = getattr(run.train_data, 'skipped', 0) + batches.skipped
             values['train/images_per_sec'] = window_steps * config.batch_size / elapsed
             values['train/step_seconds'] = elapsed / window_steps
             if peak and flops_per_step:

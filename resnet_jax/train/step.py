@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from resnet_jax.data import device as device_data
+from resnet_jax.data import augment, device as device_data
 from resnet_jax.train import sharding
 
 
@@ -37,30 +37,8 @@ def create_state(model, optimizer, rng, image_size: int, ema: bool) -> TrainStat
                       ema_params=params if ema else None)
 
 
-def normalize(images, mean, std):
-    """uint8 NHWC images to float32, standardised per channel."""
-    return (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean)) / jnp.asarray(std)
-
-
-def cifar_augment(rng, images, pad: int = 4):
-    """He et al.'s CIFAR augmentation: zero-pad by 4, random crop back, random horizontal flip."""
-    n, h, w, _ = images.shape
-    crop_rng, flip_rng = jax.random.split(rng)
-    offsets = jax.random.randint(crop_rng, (n, 2), 0, 2 * pad + 1)
-    flips = jax.random.bernoulli(flip_rng, 0.5, (n,))
-    padded = jnp.pad(images, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
-
-    def one(image, offset, flip):
-        crop = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, image.shape[-1]))
-        return jnp.where(flip, crop[:, ::-1], crop)
-
-    return jax.vmap(one)(padded, offsets, flips)
-
-
-def cross_entropy(logits, labels, num_classes: int, smoothing: float = 0.0):
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) if smoothing else (
-        jax.nn.one_hot(labels, num_classes))
-    return optax.softmax_cross_entropy(logits, targets)
+def cross_entropy(logits, labels, num_classes: int):
+    return optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, num_classes))
 
 
 def topk_correct(logits, labels, k: int):
@@ -69,18 +47,31 @@ def topk_correct(logits, labels, k: int):
     return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
 
 
+def preprocess(rng, batch, config, num_classes: int, mean, std):
+    """(normalised images, soft targets) of a uint8 batch: the feed's on-device augmentation,
+    label smoothing, then mixup/CutMix."""
+    images = batch['image']
+    if augment.on_device(config) == 'cifar':
+        images = augment.cifar_augment(rng, images)
+    x = augment.normalize(images, mean, std)
+    targets = jax.nn.one_hot(batch['label'], num_classes)
+    if config.optim.label_smoothing:
+        targets = optax.smooth_labels(targets, config.optim.label_smoothing)
+    if config.data.mixup_alpha or config.data.cutmix_alpha:
+        x, targets = augment.mix(jax.random.fold_in(rng, 1), x, targets, config.data.mixup_alpha,
+                                 config.data.cutmix_alpha)
+    return x, targets
+
+
 def train_step(state: TrainState, batch, rng, *, model, optimizer, config, mean, std):
     step_rng = jax.random.fold_in(rng, state.step)
     augment_rng, dropout_rng = jax.random.split(step_rng)
-    images = batch['image']
-    if config.data.augment == 'cifar':
-        images = cifar_augment(augment_rng, images)
-    x = normalize(images, mean, std)
+    x, targets = preprocess(augment_rng, batch, config, model.num_classes, mean, std)
 
     def loss_fn(params):
         logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, x, train=True,
                                       mutable=['batch_stats'], rngs={'dropout': dropout_rng})
-        loss = cross_entropy(logits, batch['label'], model.num_classes, config.optim.label_smoothing).mean()
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
         return loss, (logits, updates.get('batch_stats', {}))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -90,7 +81,7 @@ def train_step(state: TrainState, batch, rng, *, model, optimizer, config, mean,
     if ema is not None:
         decay = config.optim.ema_decay
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
-    metrics = {'train/loss': loss, 'train/top1': topk_correct(logits, batch['label'], 1).mean(),
+    metrics = {'train/loss': loss, 'train/top1': topk_correct(logits, targets.argmax(-1), 1).mean(),
                'train/grad_norm': optax.tree.norm(grads)}
     return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                       ema_params=ema), metrics
@@ -100,7 +91,7 @@ def eval_step(state: TrainState, batch, use_ema: bool = False, *, model, mean, s
     """Sums over the real examples of a batch; padding rows carry mask 0 and count for nothing."""
     params = state.ema_params if use_ema else state.params
     logits = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                         normalize(batch['image'], mean, std), train=False)
+                         augment.normalize(batch['image'], mean, std), train=False)
     labels, mask = batch['label'], batch['mask']
     k = min(5, logits.shape[-1])
     return {'loss': (cross_entropy(logits, labels, model.num_classes) * mask).sum(),

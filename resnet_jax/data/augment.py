@@ -1,0 +1,191 @@
+"""Augmentation and preprocessing, on the host (numpy/PIL, per example) and on the device (JAX, per batch).
+
+Where an augmentation runs depends on the feed: in-memory feeds ('host', 'device') hold images
+already at the training size and augment inside the jitted train step; the 'stream' feed
+decodes variable-size images in Grain workers and augments them there. CIFAR augmentation
+exists in both places and computes the same pixels from the same offsets and flips. Mixup
+and CutMix mix whole batches, so they always run on the device.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CIFAR_PAD = 4
+
+
+# ---- host, one example at a time -----------------------------------------------------------
+
+class CorruptImageError(ValueError):
+    """An image file or record that cannot be decoded; the message names it."""
+
+
+def decode(data, name: str) -> np.ndarray:
+    """uint8 RGB (H, W, 3) from encoded bytes, a file path, or an array (grey and RGBA become RGB)."""
+    from PIL import Image
+
+    if isinstance(data, np.ndarray) and data.dtype == np.uint8:
+        return data if data.ndim == 3 and data.shape[-1] == 3 else np.asarray(_as_pil(data).convert('RGB'))
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+            return np.asarray(im.convert('RGB'))
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+        raise CorruptImageError(f'cannot decode image {name}: {type(e).__name__}: {e}') from e
+
+
+def _as_pil(image: np.ndarray):
+    from PIL import Image
+    return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """`image` as size x size (bilinear, antialiased); unchanged if it already is."""
+    from PIL import Image
+
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(_as_pil(image).resize((size, size), Image.BILINEAR))
+
+
+def cifar_crop_flip_host(image: np.ndarray, offset_y: int, offset_x: int, flip: bool) -> np.ndarray:
+    """The crop at (offset_y, offset_x) of the image zero-padded by 4, mirrored if `flip`."""
+    h, w, _ = image.shape
+    padded = np.pad(image, [(CIFAR_PAD, CIFAR_PAD), (CIFAR_PAD, CIFAR_PAD), (0, 0)])
+    crop = padded[offset_y:offset_y + h, offset_x:offset_x + w]
+    return np.ascontiguousarray(crop[:, ::-1] if flip else crop)
+
+
+def cifar_augment_host(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    offset_y, offset_x = rng.integers(0, 2 * CIFAR_PAD + 1, 2)
+    return cifar_crop_flip_host(image, int(offset_y), int(offset_x), bool(rng.random() < 0.5))
+
+
+def inception_crop_box(rng: np.random.Generator, height: int, width: int, scale=(0.08, 1.0),
+                       ratio=(3 / 4, 4 / 3), attempts: int = 10) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of an Inception-style random crop (Szegedy et al. 2015): area a uniform
+    fraction of the image in `scale`, aspect ratio log-uniform in `ratio`; after `attempts`
+    misses, the centre crop with the aspect ratio clipped to `ratio`."""
+    area = height * width
+    log_ratio = np.log(ratio)
+    for _ in range(attempts):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif aspect > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def inception_augment_host(rng: np.random.Generator, image: np.ndarray, size: int) -> np.ndarray:
+    """Random-resized crop to size x size (bilinear, antialiased), then a random horizontal flip."""
+    from PIL import Image
+
+    top, left, h, w = inception_crop_box(rng, *image.shape[:2])
+    out = np.asarray(_as_pil(image).resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)))
+    return np.ascontiguousarray(out[:, ::-1]) if rng.random() < 0.5 else out
+
+
+def center_crop_host(image: np.ndarray, size: int, crop_fraction: float) -> np.ndarray:
+    """Evaluation view: shorter side resized to size / crop_fraction, then the central size x size."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    short = int(round(size / crop_fraction))
+    scale = short / min(h, w)
+    new_h, new_w = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
+    resized = np.asarray(_as_pil(image).resize((new_w, new_h), Image.BILINEAR))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[top:top + size, left:left + size]
+
+
+def train_view(rng: np.random.Generator, image: np.ndarray, augment: str, size: int) -> np.ndarray:
+    """A decoded training image as the 'stream' feed hands it to the step: size x size, augmented."""
+    if augment == 'inception':
+        return inception_augment_host(rng, image, size)
+    image = resize(image, size)
+    return cifar_augment_host(rng, image) if augment == 'cifar' else image
+
+
+def eval_view(image: np.ndarray, augment: str, size: int, crop_fraction: float) -> np.ndarray:
+    """A decoded evaluation image: centre crop for ImageNet-style training, else resized to size."""
+    return center_crop_host(image, size, crop_fraction) if augment == 'inception' else resize(image, size)
+
+
+# ---- device, whole batches under jit -------------------------------------------------------
+
+def normalize(images, mean, std):
+    """uint8 NHWC images to float32, standardised per channel."""
+    return (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean)) / jnp.asarray(std)
+
+
+def cifar_crop_flip(images, offsets, flips):
+    """`cifar_crop_flip_host` for a batch: offsets (N, 2) into the 4-padded images, flips (N,)."""
+    n, h, w, c = images.shape
+    padded = jnp.pad(images, [(0, 0), (CIFAR_PAD, CIFAR_PAD), (CIFAR_PAD, CIFAR_PAD), (0, 0)])
+
+    def one(image, offset, flip):
+        crop = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+        return jnp.where(flip, crop[:, ::-1], crop)
+
+    return jax.vmap(one)(padded, offsets, flips)
+
+
+def cifar_augment(rng, images):
+    """He et al.'s CIFAR augmentation: zero-pad by 4, random crop back, random horizontal flip."""
+    crop_rng, flip_rng = jax.random.split(rng)
+    offsets = jax.random.randint(crop_rng, (images.shape[0], 2), 0, 2 * CIFAR_PAD + 1)
+    return cifar_crop_flip(images, offsets, jax.random.bernoulli(flip_rng, 0.5, (images.shape[0],)))
+
+
+def on_device(config) -> str:
+    """The augmentation the train step applies: the in-memory feeds' (the stream feed augments on the host)."""
+    return 'none' if config.data.feed == 'stream' else config.data.augment
+
+
+def mix(rng, x, targets, mixup_alpha: float, cutmix_alpha: float):
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of each example with its mirror in the batch.
+
+    One mixing weight lam ~ Beta(alpha, alpha) per batch; example i is mixed with example
+    N-1-i, images and soft targets alike. CutMix pastes a box of about (1 - lam) of the area
+    and sets lam to the area actually kept. With both alphas set, each batch uses one of the
+    two with probability 1/2.
+    """
+    choose_rng, mixup_rng, cutmix_rng, box_rng = jax.random.split(rng, 4)
+    n, h, w, _ = x.shape
+    partner_x, partner_t = x[::-1], targets[::-1]
+
+    def mixup():
+        lam = jax.random.beta(mixup_rng, mixup_alpha, mixup_alpha)
+        return lam * x + (1 - lam) * partner_x, lam
+
+    def cutmix():
+        lam = jax.random.beta(cutmix_rng, cutmix_alpha, cutmix_alpha)
+        cut_h = (h * jnp.sqrt(1 - lam)).astype(jnp.int32)
+        cut_w = (w * jnp.sqrt(1 - lam)).astype(jnp.int32)
+        cy, cx = jax.random.randint(box_rng, (2,), 0, jnp.array([h, w]))
+        y0, y1 = jnp.clip(cy - cut_h // 2, 0, h), jnp.clip(cy + cut_h // 2, 0, h)
+        x0, x1 = jnp.clip(cx - cut_w // 2, 0, w), jnp.clip(cx + cut_w // 2, 0, w)
+        rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+        box = ((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1))[None, :, :, None]
+        return jnp.where(box, partner_x, x), 1 - (y1 - y0) * (x1 - x0) / (h * w)
+
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        (mx, mlam), (cx_, clam) = mixup(), cutmix()
+        use_cutmix = jax.random.bernoulli(choose_rng, 0.5)
+        x_mixed, lam = jnp.where(use_cutmix, cx_, mx), jnp.where(use_cutmix, clam, mlam)
+    else:
+        x_mixed, lam = mixup() if mixup_alpha > 0 else cutmix()
+    return x_mixed, lam * targets + (1 - lam) * partner_t

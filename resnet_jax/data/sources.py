@@ -1,0 +1,213 @@
+"""Record sources: random access to a split's (image, label) records, by index.
+
+A source has `len`, `num_classes`, `source[i] -> (uint8 HWC image or encoded bytes/path, label)`
+and `name(i)` for error messages. `open_source(config, split)` picks one from
+`config.data.dataset`:
+
+    shapes, synthetic          generated in memory (`arrays.ArrayDataset`)
+    folder:<root>              <root>/<split>/<class>/<file>, classes sorted by name
+    tfds:<name>[:<version>]    a TFDS dataset prepared as ArrayRecord, read through
+                               `tfds.data_source` without TensorFlow
+
+`load(config, split)` decodes a whole source into an `ArrayDataset` for the in-memory feeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from concurrent import futures
+
+import numpy as np
+
+from resnet_jax.data import arrays, augment
+from resnet_jax.models.design import close_matches
+
+DATASETS = ('shapes', 'synthetic', 'folder:<path>', 'tfds:<name>[:<version>]')
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
+
+
+def check_dataset_name(dataset: str) -> None:
+    if dataset in ('shapes', 'synthetic'):
+        return
+    for prefix in ('folder:', 'tfds:'):
+        if dataset.startswith(prefix) and dataset[len(prefix):]:
+            return
+    raise ValueError(f'{dataset!r} is not supported; choose one of: {", ".join(DATASETS)}')
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSource:
+    """Image files under root/<class>/; records are (path, label), decoded by the reader."""
+    root: str
+    paths: tuple[str, ...]
+    labels: np.ndarray
+    classes: tuple[str, ...]
+
+    @classmethod
+    def scan(cls, root: str) -> FolderSource:
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f'image folder {root!r} does not exist (expected <root>/<split>/<class>/<file>)')
+        classes = tuple(sorted(c for c in os.listdir(root) if os.path.isdir(os.path.join(root, c))))
+        paths, labels = [], []
+        for label, name in enumerate(classes):
+            files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_SUFFIXES))
+            paths += [os.path.join(root, name, f) for f in files]
+            labels += [label] * len(files)
+        if not paths:
+            raise ValueError(f'image folder {root!r} holds no images ({", ".join(IMAGE_SUFFIXES)}) '
+                             'in class sub-folders')
+        return cls(root, tuple(paths), np.asarray(labels, np.int32), classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.paths[i], int(self.labels[i])
+
+    def name(self, i: int) -> str:
+        return self.paths[i]
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """A TFDS dataset that is not on disk; the message says how to prepare it."""
+
+
+class TfdsSource:
+    """A split of a TFDS image-classification dataset prepared as ArrayRecord, read by index."""
+
+    def __init__(self, spec: str, split: str, data_dir: str | None):
+        import tensorflow_datasets as tfds
+
+        self.spec, self.split = spec, split
+        self.dataset_name = spec.split(':')[0].split('/')[0]
+        name = spec  # TFDS's own 'name[/config][:version]'
+        registered = tfds.list_builders(with_community_datasets=False)
+        prepared_dir = os.path.join(_data_dir(data_dir), self.dataset_name)
+        if self.dataset_name not in registered and not os.path.isdir(prepared_dir):
+            raise ValueError(f'config.data.dataset=tfds:{spec}: TFDS has no dataset {self.dataset_name!r} and '
+                             f'none is prepared in {_data_dir(data_dir)}.{close_matches(self.dataset_name, registered)}')
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError:  # a version or config that is not there
+            versions = sorted(os.listdir(prepared_dir)) if os.path.isdir(prepared_dir) else []
+            raise ValueError(f'config.data.dataset=tfds:{spec}: not found; {prepared_dir} holds '
+                             f'{", ".join(versions) or "nothing"}') from None
+        self.image_key, self.label_key = builder.info.supervised_keys or ('image', 'label')
+        try:
+            self._records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:
+            if builder.is_prepared():
+                raise ValueError(f'TFDS {name} in {builder.data_dir} is prepared as '
+                                 f'{builder.info.file_format.value}, which has no random access; prepare it '
+                                 f'again with: tfds build {self.dataset_name} --data_dir={_data_dir(data_dir)} '
+                                 '--file_format=array_record') from e
+            raise DatasetNotPreparedError(
+                f'TFDS dataset {name!r} is not prepared in {_data_dir(data_dir)} and is never downloaded during '
+                f'training. Prepare it once (on a machine with internet access, or with the manual download in '
+                f'place for datasets such as imagenet2012): tfds build {self.dataset_name} '
+                f'--data_dir={_data_dir(data_dir)} --file_format=array_record') from e
+        self.num_classes = self._records.dataset_info.features[self.label_key].num_classes
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, i: int):
+        try:  # TFDS decodes the image (with PIL, no TensorFlow)
+            record = self._records[i]
+        except Exception as e:
+            raise augment.CorruptImageError(f'cannot decode {self.name(i)}: {type(e).__name__}: {e}') from e
+        return record[self.image_key], int(record[self.label_key])
+
+    def name(self, i: int) -> str:
+        return f'record {i} of tfds:{self.spec} split {self.split!r}'
+
+
+def _data_dir(data_dir: str | None) -> str:
+    return data_dir or os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets'))
+
+
+@dataclasses.dataclass(frozen=True)
+class Subset:
+    """Records `indices` of `source`: a fixed random subset of a training split."""
+    source: object
+    indices: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.source[int(self.indices[i])]
+
+    def name(self, i: int) -> str:
+        return self.source.name(int(self.indices[i]))
+
+
+def open_source(config, split: str):
+    """The records of `split` of `config.data.dataset`; `data.train_subset` trims the training split."""
+    d = config.data
+    check_dataset_name(d.dataset)
+    if d.dataset in ('shapes', 'synthetic'):
+        source = arrays.generated(config, split)
+    elif d.dataset.startswith('folder:'):
+        source = FolderSource.scan(os.path.join(d.dataset[len('folder:'):], split))
+    else:
+        source = TfdsSource(d.dataset[len('tfds:'):], split, d.tfds_data_dir)
+    if split == d.train_split and 0 < d.train_subset < len(source):
+        # Fixed by the subset size alone, so runs with different seeds train on the same examples.
+        indices = np.sort(np.random.default_rng([d.train_subset, 0x5b5e7]).permutation(len(source))[:d.train_subset])
+        source = Subset(source, indices)
+    return source
+
+
+def read(source, i: int, on_corrupt: str, size: int | None = None):
+    """(decoded image, label, skipped) of record i; with on_corrupt='skip' a record that cannot be
+    decoded is replaced by the next readable one and `skipped` counts the records passed over."""
+    for skipped in range(len(source)):
+        j = (i + skipped) % len(source)
+        try:
+            data, label = source[j]
+            image = augment.decode(data, source.name(j))
+        except augment.CorruptImageError as e:
+            if on_corrupt != 'skip':
+                raise
+            logging.warning('skipping %s', e)
+            continue
+        return (image if size is None else augment.resize(image, size)), label, skipped
+    raise ValueError(f'no record of {len(source)} could be decoded')
+
+
+def load(config, split: str) -> arrays.ArrayDataset:
+    """`split` decoded into memory at data.image_size (resized where it differs); unreadable files
+    raise an error naming them, or with data.on_corrupt='skip' are left out and counted."""
+    source = open_source(config, split)
+    if isinstance(source, arrays.ArrayDataset):
+        return source
+    size = config.data.image_size
+
+    def one(i):
+        try:
+            return read(source, i, 'error', size)[:2]
+        except augment.CorruptImageError:
+            if config.data.on_corrupt == 'skip':
+                return None
+            raise
+
+    with futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        records = [r for r in pool.map(one, range(len(source)), chunksize=256) if r is not None]
+    skipped = len(source) - len(records)
+    if skipped:
+        logging.warning('%s %s: skipped %d unreadable image(s)', config.data.dataset, split, skipped)
+    if not records:
+        raise ValueError(f'{config.data.dataset} {split}: no readable images')
+    return arrays.ArrayDataset(np.stack([r[0] for r in records]), np.asarray([r[1] for r in records], np.int32),
+                               source.num_classes, skipped=skipped)
