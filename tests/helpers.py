@@ -1,5 +1,6 @@
 """Helpers shared by the tests."""
 
+import functools
 from pathlib import Path
 
 import jax
@@ -112,9 +113,9 @@ def make_image_folder(root: Path, splits: dict[str, int], classes=('cat', 'ant',
     return root
 
 
-def build_tfds_dataset(data_dir: Path, num_train: int = 40, num_test: int = 13) -> str:
-    """A small TFDS image-classification dataset 'tiny_shapes' prepared as ArrayRecord in `data_dir`,
-    with images of varied sizes, built without TensorFlow (images handed over PNG-encoded)."""
+@functools.cache
+def _tiny_shapes_builder():
+    """The builder class, defined once per process: TFDS refuses to register a name twice."""
     import io
 
     import tensorflow_datasets as tfds
@@ -128,12 +129,18 @@ def build_tfds_dataset(data_dir: Path, num_train: int = 40, num_test: int = 13) 
                 'label': tfds.features.ClassLabel(names=['red', 'green', 'blue', 'grey'])}))
 
         def _split_generators(self, dl_manager):
-            return {'train': self._generate_examples(0, num_train), 'test': self._generate_examples(1, num_test)}
+            return {'train': self._generate_examples(0, 40), 'test': self._generate_examples(1, 13)}
 
         def _generate_examples(self, seed, n):
             rng = np.random.default_rng(seed)
             for i in range(n):
                 yield i, {'image': io.BytesIO(png_bytes(random_image(rng, 18 + i % 5, 22 + i % 3))), 'label': i % 4}
 
-    TinyShapes(data_dir=str(data_dir), file_format='array_record').download_and_prepare()
+    return TinyShapes
+
+
+def build_tfds_dataset(data_dir: Path) -> str:
+    """A small TFDS image-classification dataset 'tiny_shapes' (40 train, 13 test records of varied
+    sizes) prepared as ArrayRecord in `data_dir`, built without TensorFlow (images handed over as PNG)."""
+    _tiny_shapes_builder()(data_dir=str(data_dir), file_format='array_record').download_and_prepare()
     return 'tiny_shapes'

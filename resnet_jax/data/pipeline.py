@@ -108,8 +108,8 @@ def train_iterator(config, source, mesh=None, start_step: int = 0, process_index
         return BatchIterator(lambda start: arrays.train_batches(source, batch, config.seed, start, process_index,
                                                                  process_count), order, start_step)
     local = batch // process_count
-    record = TrainRecord(source, batch, local, process_index * local, config.seed, d.augment, d.image_size,
-                         d.on_corrupt)
+    record = TrainRecord(source, batch, local, process_index * local, d.augment, d.image_size, d.on_corrupt,
+                         seed=config.seed)
     return BatchIterator(lambda start: _grain_batches(record, start * local, None, local, d.workers), order,
                          start_step)
 
@@ -122,22 +122,28 @@ def eval_batches(config, source, process_index: int, process_count: int):
     d, batch = config.data, config.eval_batch_size
     local = batch // process_count
     num_batches = -(-len(source) // batch)
-    record = EvalRecord(source, batch, local, process_index * local, d.augment, d.image_size, d.eval_crop_fraction,
-                        d.on_corrupt)
+    record = EvalRecord(source, batch, local, process_index * local, d.augment, d.image_size, d.on_corrupt,
+                        crop_fraction=d.eval_crop_fraction)
     return _grain_batches(record, 0, num_batches * local, local, d.workers)
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainRecord:
-    """Local element k of the training stream: decoded, augmented with draws from (seed, step, position)."""
+class _Records:
+    """Local element k of a process's stream over `source`; `offset` is its first position in each
+    global batch. Plain data, so that Grain can send it to worker processes."""
     source: object
     global_batch: int
     local_batch: int
-    offset: int  # this process's first position in each global batch
-    seed: int
+    offset: int
     augment: str
     size: int
     on_corrupt: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRecord(_Records):
+    """Training element k: decoded, augmented with draws from (seed, step, position)."""
+    seed: int
 
     def __call__(self, k: int) -> dict:
         step, i = divmod(k, self.local_batch)
@@ -150,16 +156,9 @@ class TrainRecord:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalRecord:
-    """Local element k of the evaluation stream; positions past the end repeat the last record, masked."""
-    source: object
-    global_batch: int
-    local_batch: int
-    offset: int
-    augment: str
-    size: int
+class EvalRecord(_Records):
+    """Evaluation element k; positions past the end repeat the last record, masked."""
     crop_fraction: float
-    on_corrupt: str
 
     def __call__(self, k: int) -> dict:
         batch, i = divmod(k, self.local_batch)
@@ -177,8 +176,9 @@ def _grain_batches(record, start: int, stop: int | None, local_batch: int, worke
 
     stop = 2 ** 62 if stop is None else stop
     batches = grain.MapDataset.range(start, stop).map(record).batch(local_batch)
-    threads = 2 if workers else max(2, os.cpu_count() or 1)
-    stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
+    # Each thread builds whole batches; at most `threads` batches wait in memory (ImageNet: ~40 MB each).
+    threads = 2 if workers else min(16, max(2, os.cpu_count() or 1))
+    stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
     if workers:
         from absl import flags
         if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside an absl app, take the defaults
