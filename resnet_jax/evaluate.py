@@ -21,20 +21,24 @@ STEP = flags.DEFINE_integer('step', None, 'checkpoint step to evaluate (default:
 flags.mark_flags_as_required(['workdir'])
 
 
-def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, float]:
+def restore_workdir(workdir: str, step: int | None = None):
+    """(Run rebuilt from the workdir's recorded config, its checkpoint `step` or the newest readable one)."""
     if not os.path.exists(os.path.join(workdir, 'config.json')):
         raise FileNotFoundError(f'{workdir} has no config.json: is it a resnet_jax.train workdir?')
-    config = config_lib.load_resolved(workdir)
-    run = Run(config)
-    manager = checkpoint.Manager(os.path.join(workdir, 'checkpoints'), config)
-    state = manager.restore(run.abstract_state, step)
-    if state is None:
-        raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint'
-                                + (f' at step {step}' if step is not None else ''))
-    results = {k.replace('eval', 'evaluate', 1): v for k, v in run.evaluate(state).items()}
-    with metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer:
-        writer.write(int(jax.device_get(state.step)), results)
+    run = Run(config_lib.load_resolved(workdir))
+    manager = checkpoint.Manager(os.path.join(workdir, 'checkpoints'), run.config, read_only=True)
+    restored = manager.restore(run.abstract_state, step)
     manager.close()
+    if restored is None:
+        raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint')
+    return run, restored
+
+
+def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, float]:
+    run, restored = restore_workdir(workdir, step)
+    results = {k.replace('eval', 'evaluate', 1): v for k, v in run.evaluate(restored.state).items()}
+    with metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer:
+        writer.write(restored.step, results)
     return results
 
 

@@ -272,10 +272,10 @@ def resume_config(num_steps: int):
 
 
 def params_at(workdir, step: int, run: Run):
-    manager = checkpoint.Manager(os.path.join(workdir, 'checkpoints'), run.config)
-    state = manager.restore(run.abstract_state, step)
+    manager = checkpoint.Manager(os.path.join(workdir, 'checkpoints'), run.config, read_only=True)
+    restored = manager.restore(run.abstract_state, step)
     manager.close()
-    return state
+    return restored.state
 
 
 def leaves(state):

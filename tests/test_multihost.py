@@ -20,8 +20,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+
+from resnet_jax.checkpoint import read_numpy
 
 ROOT = Path(__file__).parents[1]
 # A ResNet-8 of width 8 on 8x8 images: each process compiles it in seconds.
@@ -107,15 +108,6 @@ def start_multiprocess(processes, workdir, extra, num_processes=2, name='proc'):
             for i in range(num_processes)]
 
 
-def restore_numpy(step_dir: Path) -> dict:
-    """The train state saved at `step_dir` as numpy arrays, whatever topology wrote it."""
-    item = str(step_dir / 'default')
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(item).item_metadata
-    args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return checkpointer.restore(item, restore_args=args)
-
-
 def read_lines(workdir: Path) -> list[str]:
     return [line for line in (workdir / 'metrics.jsonl').read_text().splitlines() if line.strip()]
 
@@ -128,7 +120,7 @@ def test_two_processes_train_as_one_process_with_two_devices(processes, tmp_path
     for proc in [single, *multi]:
         assert processes.wait(proc, RUN_TIMEOUT) == 0, f'{proc.name} failed:\n{processes.output(proc)[-3000:]}'
 
-    a, b = restore_numpy(one / 'checkpoints' / str(STEPS)), restore_numpy(two / 'checkpoints' / str(STEPS))
+    a, b = read_numpy(str(one / 'checkpoints' / str(STEPS))), read_numpy(str(two / 'checkpoints' / str(STEPS)))
     assert int(a['step']) == int(b['step']) == STEPS
     # Same global batch, same data order, same 2-way data-parallel split (8 examples per
     # device); only how the two partial sums meet differs (XLA's in-process all-reduce vs

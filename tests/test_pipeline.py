@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import build_tfds_dataset, make_image_folder, tiny_config
 from iterate_batches import take
-from test_train import ROOT, run_module
+from test_train import run_module
 
 from resnet_jax.data import pipeline
 from resnet_jax.train import config as config_lib

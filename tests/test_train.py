@@ -72,8 +72,8 @@ def test_batch_order_is_a_function_of_seed_and_step_and_processes_split_it():
 
 
 def final_params(config, workdir):
-    manager = checkpoint.Manager(os.path.join(workdir, 'checkpoints'), config)
-    state = manager.restore(Run(config).abstract_state)
+    manager = checkpoint.Manager(os.path.join(workdir, 'checkpoints'), config, read_only=True)
+    state = manager.restore(Run(config).abstract_state).state
     manager.close()
     return jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 
 import numpy as np
@@ -62,12 +63,14 @@ class BatchIterator:
     def __init__(self, make, order: dict, start_step: int = 0):
         self._make, self.order = make, order
         self.step, self.skipped = start_step, 0
-        self._batches = make(start_step)
+        self._batches = None  # made on first use, so set_state never starts a pipeline twice
 
     def __iter__(self):
         return self
 
     def __next__(self):
+        if self._batches is None:
+            self._batches = self._make(self.step)
         batch = next(self._batches)
         self.step += 1
         if 'skipped' in batch:  # the stream feed's count of unreadable records it replaced
@@ -78,13 +81,18 @@ class BatchIterator:
     def get_state(self) -> dict:
         return dict(self.order, step=self.step, skipped=self.skipped)
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, state: dict, allow_order_change: bool = False) -> None:
+        """Continue from `state`; with allow_order_change (a resume that was allowed to change the
+        config), a state from another order only sets the step, with a warning."""
         changed = {k: (state.get(k), v) for k, v in self.order.items() if state.get(k) != v}
         if changed:
-            raise ValueError('the data iterator state is from a different data order: ' + ', '.join(
-                f'{k} was {old!r}, now {new!r}' for k, (old, new) in sorted(changed.items())))
+            message = 'the data iterator state is from a different data order: ' + ', '.join(
+                f'{k} was {old!r}, now {new!r}' for k, (old, new) in sorted(changed.items()))
+            if not allow_order_change:
+                raise ValueError(message)
+            logging.warning('%s; continuing the new order at step %d', message, state['step'])
         self.step, self.skipped = state['step'], state['skipped']
-        self._batches = self._make(self.step)
+        self._batches = None
 
 
 def train_iterator(config, source, mesh=None, start_step: int = 0, process_index: int | None = None,

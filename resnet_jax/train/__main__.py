@@ -1,4 +1,8 @@
-"""python -m resnet_jax.train --config=experiments/quickstart.py --workdir=/tmp/run [--config.a.b=v]"""
+"""python -m resnet_jax.train --config=experiments/quickstart.py --workdir=/tmp/run [--config.a.b=v]
+
+Exit codes: 0 done; 1 a bad config or an error; 3 a NaN/Inf loss or gradient with
+config.nonfinite='stop'; 75 stopped by SIGTERM/SIGUSR1 after saving (run the same command again).
+"""
 
 import os
 import sys
@@ -9,7 +13,8 @@ from ml_collections import config_flags
 
 from resnet_jax import distributed
 from resnet_jax.train.config import ConfigError
-from resnet_jax.train.loop import train_and_evaluate
+from resnet_jax.train.loop import (NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, NonFiniteError, Preempted,
+                                   train_and_evaluate)
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file, e.g. experiments/cifar10.py:resnet56')
 WORKDIR = flags.DEFINE_string('workdir', None, 'where the run keeps its config, metrics, checkpoints and plots')
@@ -24,6 +29,12 @@ def main(argv):
         train_and_evaluate(CONFIG.value, WORKDIR.value)
     except ConfigError as e:
         sys.exit(f'error: {e}')
+    except Preempted as e:
+        logging.warning('%s', e)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except NonFiniteError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(NONFINITE_EXIT_CODE)
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
             raise

@@ -29,6 +29,15 @@ DECAY_TYPES = ('l2', 'decoupled')
 AUGMENTATIONS = ('none', 'cifar', 'inception')
 FEEDS = ('host', 'device', 'stream')
 ON_CORRUPT = ('error', 'skip')
+NONFINITE = ('stop', 'skip')
+BEST_MODES = ('max', 'min')
+EVAL_METRICS = ('eval/top1', 'eval/top5', 'eval/loss', 'ema_eval/top1', 'ema_eval/top5', 'ema_eval/loss')
+# Fields a resumed run may change without --config.resume_allow_changes: they do not alter what
+# is computed (num_steps/num_epochs extend or shorten the run, and change schedules that depend on it).
+SAFE_TO_CHANGE = ('log_every_steps', 'progress_seconds', 'eval_every_steps', 'eval_batch_size',
+                  'checkpoint_every_steps', 'keep_checkpoints', 'keep_best_checkpoints', 'best_metric', 'best_mode',
+                  'peak_tflops_per_device', 'data.workers', 'num_steps', 'num_epochs', 'resume_allow_changes',
+                  'init_from')
 PARAM_RULES = ('replicate', 'fsdp')
 
 
@@ -117,7 +126,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress_seconds = 5.0
     c.eval_every_steps = 1000
     c.checkpoint_every_steps = 1000
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3             # the newest K are kept ...
+    c.keep_best_checkpoints = 0        # ... and the best K by best_metric (0: off)
+    c.best_metric = 'eval/top1'
+    c.best_mode = 'max'
+    c.nonfinite = 'stop'               # a NaN/Inf loss or gradient: 'stop' the run, or 'skip' the update
+    c.resume_allow_changes = ()        # fields allowed to differ from the stored config on resume
+    c.init_from = ''                   # a new run starts from 'checkpoint:<workdir>' or 'torchvision:<file>'
     c.peak_tflops_per_device = config_dict.placeholder(float)  # overrides the device table for MFU
     c.lock()  # experiment files and the command line may change fields, never invent them
     return c
@@ -174,6 +189,18 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
     _check_choice('optim.decay_type', config.optim.decay_type, DECAY_TYPES)
     _check_choice('data.augment', config.data.augment, AUGMENTATIONS)
     _check_choice('data.feed', config.data.feed, FEEDS)
+    _check_choice('nonfinite', config.nonfinite, NONFINITE)
+    _check_choice('best_mode', config.best_mode, BEST_MODES)
+    _check_choice('best_metric', config.best_metric, EVAL_METRICS)
+    if config.best_metric.startswith('ema_') and not config.optim.ema_decay:
+        _fail('best_metric', f'{config.best_metric} needs EMA parameters (optim.ema_decay > 0)')
+    if config.init_from and not config.init_from.startswith(('checkpoint:', 'torchvision:')):
+        _fail('init_from', f"{config.init_from!r}: use 'checkpoint:<workdir or step dir>' or "
+                           "'torchvision:<file.pth or .safetensors>'")
+    if config.init_from and not os.path.exists(config.init_from.partition(':')[2]):
+        _fail('init_from', f'{config.init_from.partition(":")[2]} does not exist')
+    if config.keep_best_checkpoints < 0:
+        _fail('keep_best_checkpoints', f'must be >= 0, got {config.keep_best_checkpoints}')
     _check_data(config.data)
     for pattern, rule in config.mesh.param_rules:
         _check_choice('mesh.param_rules', rule, PARAM_RULES)
@@ -252,6 +279,29 @@ def _check_choice(field, value, allowed):
         check_choice(field.split('.')[-1], value, allowed)
     except ValueError as e:
         raise ConfigError(f'config.{field}: {e}') from None
+
+
+def check_resume(stored: dict, config) -> None:
+    """Refuse to continue a run whose stored config (`stored`, as JSON) differs from `config` in a
+    field that changes what is computed, unless config.resume_allow_changes lists it."""
+    old, new = _flatten(stored), _flatten(json.loads(to_json(config)))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    allowed = set(SAFE_TO_CHANGE) | set(config.resume_allow_changes)
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+        raise ConfigError('the workdir holds checkpoints of a run with a different config: ' + '; '.join(
+            f'{k} was {old.get(k)!r}, now {new.get(k)!r}' for k in refused) + '. Use another --workdir, or '
+            f"continue anyway with --config.resume_allow_changes=\"{tuple(refused)}\"")
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def to_json(config) -> str:

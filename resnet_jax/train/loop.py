@@ -10,7 +10,10 @@ shards of the checkpoint.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -106,22 +109,90 @@ class Run:
         return {f'{prefix}/{k}': float(v) / count for k, v in totals.items()}
 
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the same command again
+NONFINITE_EXIT_CODE = 3   # stopped on a NaN/Inf loss or gradient (config.nonfinite='stop')
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after its checkpoint at `step` was complete."""
+
+    def __init__(self, step: int, signal_name: str):
+        super().__init__(f'stopped by {signal_name} after step {step}; its checkpoint is complete. '
+                         'Run the same command again to continue.')
+        self.step = step
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf loss or gradient under config.nonfinite='stop'; the state holds no NaN."""
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (SLURM's usual pre-emption warnings) ask the run to stop after the
+    current step. With several processes, JAX's preemption notifier owns SIGTERM, and Orbax's
+    preemption sync point makes every process stop after the same step."""
+
+    def __init__(self, manager: checkpoint.Manager):
+        self._manager, self.received, self._previous = manager, None, {}
+        self._coordinated = jax.process_count() > 1
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGUSR1,) if self._coordinated else (signal.SIGTERM, signal.SIGUSR1):
+                self._previous[sig] = signal.signal(sig, self._record)
+
+    def _record(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def should_stop(self, step: int) -> bool:
+        if self._coordinated and self._manager.reached_preemption(step):
+            self.received = self.received or 'SIGTERM'
+            return True
+        return self.received is not None and not self._coordinated
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    """Train `config` in `workdir` (resuming from its newest checkpoint); return the final metrics."""
-    run = Run(config)
+    """Train `config` in `workdir`, continuing from its newest readable checkpoint; return the final metrics.
+
+    Raises Preempted after saving when a stop signal arrives, NonFiniteError on a NaN/Inf with
+    config.nonfinite='stop', and ConfigError when the workdir holds a run with another config.
+    """
+    config_lib.validate(config, jax.device_count())  # before the workdir is touched
     lead = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
+    manager = checkpoint.Manager(os.path.join(workdir, 'checkpoints'), config)
+    stored_config = os.path.join(workdir, 'config.json')
+    if manager.steps() and os.path.exists(stored_config):  # before any data is loaded
+        with open(stored_config) as f:
+            config_lib.check_resume(json.load(f), config)
+    run = Run(config)
+    restored = manager.restore(run.abstract_state)
     if lead:
         config_lib.write_resolved(config, workdir)
-    manager = checkpoint.Manager(os.path.join(workdir, 'checkpoints'), config)
-    state = manager.restore(run.abstract_state)
-    state = run.initial_state() if state is None else state
+    rng = jax.random.key(config.seed)
+    batches, next_input = run.train_inputs(0)
+    skipped_updates = 0
+    if restored is None:
+        state = run.initial_state()
+        if config.init_from:  # fine-tuning: weights from elsewhere, a fresh optimizer
+            params, batch_stats = checkpoint.warm_start(config.init_from, run.model, *jax.device_get(
+                (state.params, state.batch_stats)))
+            state = jax.device_put(state.replace(params=params, batch_stats=batch_stats,
+                                                 opt_state=run.optimizer.init(params),
+                                                 ema_params=params if state.ema_params is not None else None),
+                                   run.state_sharding)
+    else:
+        state, rng = restored.state, jax.random.wrap_key_data(np.asarray(restored.meta['rng'], np.uint32))
+        batches.set_state(restored.data, allow_order_change=bool(config.resume_allow_changes))
+        skipped_updates = restored.meta['skipped_updates']
+        if restored.data['step'] != restored.step:
+            raise ValueError(f'checkpoint {restored.step}: its data iterator is at step {restored.data["step"]}')
     start = int(jax.device_get(state.step))
 
     writer = metrics_lib.MetricWriter(workdir, enabled=lead)
     progress = metrics_lib.ProgressLogger(run.num_steps, config.progress_seconds,
                                           print_fn=functools.partial(print, flush=True) if lead else (lambda *_: None))
-    rng = jax.random.key(config.seed)
     if start >= run.num_steps:  # a finished run: report, change nothing
         final = run.evaluate(state)
         writer.write(run.num_steps, final)
@@ -129,7 +200,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         manager.close()
         return final
 
-    batches, next_input = run.train_inputs(start)
     first = next_input()
     t0 = time.perf_counter()
     compiled = run.train_step.lower(state, first, rng).compile()
@@ -139,46 +209,82 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     writer.write(start, {'perf/compile_seconds': compile_seconds, 'perf/flops_per_step_per_device': flops_per_step})
     # Seen on CPU: several devices per process queuing many steps across processes can deadlock.
     block_each_step = jax.process_count() > 1 and jax.default_backend() == 'cpu'
+    stop = StopSignals(manager)
+    rng_data = np.asarray(jax.random.key_data(rng)).tolist()
 
     final: dict[str, float] = {}
     pending, window_start, window_steps, paused = [], time.perf_counter(), 0, 0.0
+
+    def count_nonfinite(upto: int) -> None:
+        """Count the skipped updates among the pending steps; stop on the first under 'stop'."""
+        nonlocal skipped_updates
+        flags = [float(m) for m in jax.device_get([m['train/nonfinite'] for m in pending])]
+        if config.nonfinite == 'stop' and any(flags):
+            bad = upto - len(flags) + 1 + flags.index(1.0)
+            raise NonFiniteError(
+                f'non-finite loss or gradient at step {bad}; its update was not applied. The newest checkpoint '
+                f'({manager.steps()[-1] if manager.steps() else "none yet"}) is intact. Lower the learning rate, '
+                "or skip such updates with --config.nonfinite=skip")
+        skipped_updates += int(sum(flags))
+        for m in pending:
+            m['train/nonfinite'] = 0.0  # counted
+
+    def save(step: int, eval_results: dict | None) -> None:
+        count_nonfinite(step)
+        meta = {'config': json.loads(config_lib.to_json(config)), 'metrics': final, 'rng': rng_data,
+                'skipped_updates': skipped_updates}
+        manager.save(step, state, batches.get_state(), meta, metrics=eval_results)
+
     inputs = first
-    for step in range(start, run.num_steps):
-        if step > start:
-            inputs = next_input()
-        state, metrics = compiled(state, inputs, rng)
-        pending.append(metrics)
-        window_steps += 1
-        if block_each_step:
-            jax.block_until_ready(metrics)
-        done = step + 1
-        last = done == run.num_steps
-        if done % config.log_every_steps == 0 or last:
-            values = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-            elapsed = time.perf_counter() - window_start - paused  # training time only
-            values['train/lr'] = float(run.schedule(done - 1))
-            if config.data.on_corrupt == 'skip':  # unreadable images left out at load or replaced in the stream
-                values['data/skipped_images'] = getattr(run.train_data, 'skipped', 0) + batches.skipped
-            values['train/images_per_sec'] = window_steps * config.batch_size / elapsed
-            values['train/step_seconds'] = elapsed / window_steps
-            if peak and flops_per_step:
-                values['train/mfu'] = flops_per_step / (elapsed / window_steps) / peak
-            writer.write(done, values)
-            progress.maybe_log(done, values)
-            final.update(values)
-            pending, window_start, window_steps, paused = [], time.perf_counter(), 0, 0.0
-        if done % config.eval_every_steps == 0 or last:
-            eval_start = time.perf_counter()
-            results = run.evaluate(state)
-            writer.write(done, results)
-            if lead:
-                print(f'step {done}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()), flush=True)
-            final.update(results)
-            paused += time.perf_counter() - eval_start
-        if done % config.checkpoint_every_steps == 0 or last:
-            manager.save(done, state)
-    manager.close()
-    writer.close()
+    try:
+        for step in range(start, run.num_steps):
+            if step > start:
+                inputs = next_input()
+            state, metrics = compiled(state, inputs, rng)
+            pending.append(dict(metrics))
+            window_steps += 1
+            if block_each_step:
+                jax.block_until_ready(metrics)
+            done = step + 1
+            last = done == run.num_steps
+            if done % config.log_every_steps == 0 or last:
+                count_nonfinite(step)
+                values = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]
+                          if k != 'train/nonfinite'}
+                elapsed = time.perf_counter() - window_start - paused  # training time only
+                values['train/lr'] = float(run.schedule(done - 1))
+                values['train/skipped_updates'] = skipped_updates
+                if config.data.on_corrupt == 'skip':  # unreadable images left out at load or replaced in the stream
+                    values['data/skipped_images'] = getattr(run.train_data, 'skipped', 0) + batches.skipped
+                values['train/images_per_sec'] = window_steps * config.batch_size / elapsed
+                values['train/step_seconds'] = elapsed / window_steps
+                if peak and flops_per_step:
+                    values['train/mfu'] = flops_per_step / (elapsed / window_steps) / peak
+                writer.write(done, values)
+                progress.maybe_log(done, values)
+                final.update(values)
+                pending, window_start, window_steps, paused = [], time.perf_counter(), 0, 0.0
+            results = None
+            if done % config.eval_every_steps == 0 or last:
+                eval_start = time.perf_counter()
+                results = run.evaluate(state)
+                writer.write(done, results)
+                if lead:
+                    print(f'step {done}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()), flush=True)
+                final.update(results)
+                paused += time.perf_counter() - eval_start
+            saved = done % config.checkpoint_every_steps == 0 or last
+            if saved:
+                save(done, results)
+            if not last and stop.should_stop(done):
+                if not saved:
+                    save(done, results)
+                manager.wait()
+                raise Preempted(done, stop.received)
+    finally:
+        stop.close()
+        manager.close()
+        writer.close()
     if lead:
         metrics_lib.plot_curves(workdir)
     return final

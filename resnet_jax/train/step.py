@@ -81,10 +81,15 @@ def train_step(state: TrainState, batch, rng, *, model, optimizer, config, mean,
     if ema is not None:
         decay = config.optim.ema_decay
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient leaves the state as it was (the loop stops or counts it, per
+    # config.nonfinite), so no NaN ever reaches the parameters or a checkpoint.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updated = TrainState(step=state.step, params=params, batch_stats=batch_stats, opt_state=opt_state, ema_params=ema)
+    guarded = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, state)
     metrics = {'train/loss': loss, 'train/top1': topk_correct(logits, targets.argmax(-1), 1).mean(),
-               'train/grad_norm': optax.tree.norm(grads)}
-    return TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                      ema_params=ema), metrics
+               'train/grad_norm': grad_norm, 'train/nonfinite': 1.0 - finite.astype(jnp.float32)}
+    return guarded.replace(step=state.step + 1), metrics
 
 
 def eval_step(state: TrainState, batch, use_ema: bool = False, *, model, mean, std):
