@@ -16,9 +16,6 @@ from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train.loop import Run
 
-WORKDIR = flags.DEFINE_string('workdir', None, 'the run directory written by python -m resnet_jax.train')
-STEP = flags.DEFINE_integer('step', None, 'checkpoint step to evaluate (default: the newest)')
-flags.mark_flags_as_required(['workdir'])
 
 
 def restore_workdir(workdir: str, step: int | None = None):
@@ -46,10 +43,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     distributed.initialize_from_flags()
-    results = evaluate_workdir(WORKDIR.value, STEP.value)
+    results = evaluate_workdir(flags.FLAGS.workdir, flags.FLAGS.step)
     if jax.process_index() == 0:
         print(json.dumps(results, indent=2))
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # flags only for the command, so export.py can import restore_workdir
+    flags.DEFINE_string('workdir', None, 'the run directory written by python -m resnet_jax.train')
+    flags.DEFINE_integer('step', None, 'checkpoint step to evaluate (default: the newest readable one)')
+    flags.mark_flags_as_required(['workdir'])
     app.run(main)

@@ -215,12 +215,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     final: dict[str, float] = {}
     pending, window_start, window_steps, paused = [], time.perf_counter(), 0, 0.0
 
-    def count_nonfinite(upto: int) -> None:
-        """Count the skipped updates among the pending steps; stop on the first under 'stop'."""
+    def count_nonfinite(done: int) -> None:
+        """Count the skipped updates among the pending steps (the last is step done - 1); under
+        'stop', stop at the first."""
         nonlocal skipped_updates
         flags = [float(m) for m in jax.device_get([m['train/nonfinite'] for m in pending])]
         if config.nonfinite == 'stop' and any(flags):
-            bad = upto - len(flags) + 1 + flags.index(1.0)
+            bad = done - len(flags) + flags.index(1.0)
             raise NonFiniteError(
                 f'non-finite loss or gradient at step {bad}; its update was not applied. The newest checkpoint '
                 f'({manager.steps()[-1] if manager.steps() else "none yet"}) is intact. Lower the learning rate, '
@@ -230,7 +231,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             m['train/nonfinite'] = 0.0  # counted
 
     def save(step: int, eval_results: dict | None) -> None:
-        count_nonfinite(step)
+        count_nonfinite(step)  # a checkpoint is written only after its steps were checked
         meta = {'config': json.loads(config_lib.to_json(config)), 'metrics': final, 'rng': rng_data,
                 'skipped_updates': skipped_updates}
         manager.save(step, state, batches.get_state(), meta, metrics=eval_results)
@@ -248,7 +249,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             done = step + 1
             last = done == run.num_steps
             if done % config.log_every_steps == 0 or last:
-                count_nonfinite(step)
+                count_nonfinite(done)
                 values = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]
                           if k != 'train/nonfinite'}
                 elapsed = time.perf_counter() - window_start - paused  # training time only
