@@ -5,6 +5,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import flax
@@ -12,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 from helpers import tiny_config
-from test_multihost import TINY, processes, start_multiprocess  # noqa: F401 (fixture)
+from test_multihost import ROOT, TINY, cli_env, processes, start_multiprocess  # noqa: F401 (fixture)
 from test_train import run_module
 
 from resnet_jax import checkpoint
@@ -203,3 +205,34 @@ def test_a_nonfinite_loss_stops_or_is_skipped_and_counted(tmp_path):
     initial = run.initial_state()
     assert int(final.step) == 8
     assert_same_state(jax.device_get(final.params), jax.device_get(initial.params))
+
+
+def test_sigterm_to_the_process_group_of_a_streamed_run(tmp_path):
+    """A scheduler signals the whole process group, Grain workers included: the run still saves
+    and exits 75, and no worker outlives it."""
+    args = [sys.executable, '-m', 'resnet_jax.train', *TINY, '--config.data.feed=stream', '--config.data.workers=2',
+            '--config.num_steps=100000', '--config.eval_every_steps=100000', '--config.checkpoint_every_steps=100000',
+            f'--workdir={tmp_path}', '--nodistributed']
+    with open(tmp_path / 'log', 'wb') as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(1), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            while not run_starts(tmp_path) and proc.poll() is None:
+                time.sleep(0.1)
+            time.sleep(3.0)
+            os.killpg(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=RUN_TIMEOUT) == PREEMPTED_EXIT_CODE, (tmp_path / 'log').read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert len(saved_steps(tmp_path)) == 1 and saved_steps(tmp_path)[0] > 0
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)  # raises once no process of the group is left
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail('Grain worker processes outlived the training process')
