@@ -121,12 +121,17 @@ def read_numpy(step_dir: str) -> dict:
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
 
 
+def saved_steps(workdir: str) -> list[int]:
+    """The complete checkpoint steps in a run's workdir, read from the file system (no Orbax manager)."""
+    directory = os.path.join(workdir, 'checkpoints')
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+
+
 def step_dir(path: str) -> str:
     """A checkpoint step directory from a run's workdir (its newest step) or a step directory itself."""
     if os.path.isdir(os.path.join(path, 'state')):
         return path
-    steps = sorted(int(d) for d in os.listdir(os.path.join(path, 'checkpoints'))
-                   if d.isdigit()) if os.path.isdir(os.path.join(path, 'checkpoints')) else []
+    steps = saved_steps(path)
     if not steps:
         raise FileNotFoundError(f'{path} is neither a run directory with checkpoints nor a checkpoint step directory')
     return os.path.join(path, 'checkpoints', str(steps[-1]))

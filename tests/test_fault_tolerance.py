@@ -18,7 +18,7 @@ from test_multihost import ROOT, TINY, cli_env, processes, start_multiprocess  #
 from test_train import run_module
 
 from resnet_jax import checkpoint
-from resnet_jax.checkpoint import read_numpy
+from resnet_jax.checkpoint import read_numpy, saved_steps
 from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train.config import ConfigError
 from resnet_jax.train.loop import PREEMPTED_EXIT_CODE, NonFiniteError, Run, train_and_evaluate
@@ -31,11 +31,6 @@ def run_starts(workdir) -> list[int]:
     if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
         return []
     return [r['step'] for r in metrics_lib.read_metrics(str(workdir)) if 'perf/compile_seconds' in r]
-
-
-def saved_steps(workdir) -> list[int]:
-    directory = os.path.join(workdir, 'checkpoints')
-    return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
 
 
 def last_eval(workdir) -> dict:

@@ -127,15 +127,16 @@ class NonFiniteError(RuntimeError):
 
 
 class StopSignals:
-    """SIGTERM and SIGUSR1 (SLURM's usual pre-emption warnings) ask the run to stop after the
-    current step. With several processes, JAX's preemption notifier owns SIGTERM, and Orbax's
-    preemption sync point makes every process stop after the same step."""
+    """SIGTERM and SIGUSR1 (SLURM's usual pre-emption warnings) ask a one-process run to stop after
+    the current step. With several processes, JAX's preemption notifier owns SIGTERM, Orbax's
+    preemption sync point makes every process stop after the same step, and SIGUSR1 keeps its
+    default action."""
 
     def __init__(self, manager: checkpoint.Manager):
         self._manager, self.received, self._previous = manager, None, {}
         self._coordinated = jax.process_count() > 1
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGUSR1,) if self._coordinated else (signal.SIGTERM, signal.SIGUSR1):
+        if not self._coordinated and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
                 self._previous[sig] = signal.signal(sig, self._record)
 
     def _record(self, signum, frame):
@@ -143,9 +144,8 @@ class StopSignals:
 
     def should_stop(self, step: int) -> bool:
         if self._coordinated and self._manager.reached_preemption(step):
-            self.received = self.received or 'SIGTERM'
-            return True
-        return self.received is not None and not self._coordinated
+            self.received = 'SIGTERM'
+        return self.received is not None
 
     def close(self) -> None:
         for sig, handler in self._previous.items():
