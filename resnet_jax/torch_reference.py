@@ -5,7 +5,8 @@ torchvision is not importable in the test environment, so this rebuilds its Imag
 their plain twins, which torchvision lacks. Module and parameter names follow torchvision's
 checkpoint layout (conv1, bn1, layer{s}.{b}.conv{i}/bn{i}/downsample.{0,1}, fc) so that
 `state_dict()` is what `from_torchvision` expects. Bottlenecks put the stride on the 3x3 conv
-(ResNet v1.5), as torchvision does.
+(ResNet v1.5), as torchvision does, and `replace_stride_with_dilation` follows torchvision's
+rules. `ReferenceR3D` is torchvision's video r3d_18 family in its own key layout.
 
 The tests compare these nets with our Flax models; `bench_torch` trains them as the PyTorch
 side of `bench --vs-torch` for the models torchvision does not have.
@@ -18,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    """Bias-free conv with the symmetric (k - 1) / 2 padding whose even-size behaviour we test."""
-    return nn.Conv2d(cin, cout, kernel, stride, padding=(kernel - 1) // 2, groups=groups, bias=False)
+def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    """Bias-free conv with torchvision's symmetric dilation * (k - 1) / 2 padding."""
+    return nn.Conv2d(cin, cout, kernel, stride, padding=dilation * (kernel - 1) // 2, groups=groups,
+                     dilation=dilation, bias=False)
 
 
 class BasicBlock(nn.Module):
@@ -29,10 +31,12 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, cin: int, planes: int, stride: int, downsample: nn.Module | None,
-                 groups: int = 1, width_per_group: int = 64, residual: bool = True):
+                 groups: int = 1, width_per_group: int = 64, dilation: int = 1, residual: bool = True):
         super().__init__()
         if groups != 1 or width_per_group != 64:
             raise ValueError('basic blocks have no grouped or widened variant in torchvision')
+        if dilation > 1:
+            raise NotImplementedError('torchvision has no dilated basic blocks')
         self.conv1, self.bn1 = _conv(cin, planes, 3, stride), nn.BatchNorm2d(planes)
         self.conv2, self.bn2 = _conv(planes, planes, 3), nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
@@ -48,16 +52,16 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, grouped 3x3 carrying the stride (v1.5), 1x1 expand by 4."""
+    """1x1 reduce, grouped (and possibly dilated) 3x3 carrying the stride (v1.5), 1x1 expand by 4."""
 
     expansion = 4
 
     def __init__(self, cin: int, planes: int, stride: int, downsample: nn.Module | None,
-                 groups: int = 1, width_per_group: int = 64):
+                 groups: int = 1, width_per_group: int = 64, dilation: int = 1):
         super().__init__()
         width = int(planes * width_per_group / 64) * groups
         self.conv1, self.bn1 = _conv(cin, width, 1), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = _conv(width, width, 3, stride, groups), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = _conv(width, width, 3, stride, groups, dilation), nn.BatchNorm2d(width)
         self.conv3, self.bn3 = _conv(width, planes * 4, 1), nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -70,33 +74,47 @@ class Bottleneck(nn.Module):
 
 
 class ReferenceResNet(nn.Module):
-    """7x7/2 stem + 3x3/2 max pool, four stages (the first at stride 1), average pool, fc."""
+    """7x7/2 stem + 3x3/2 max pool, four stages (the first at stride 1), average pool, fc.
+
+    replace_stride_with_dilation: three flags for layers 2-4, as in torchvision: a flagged layer
+    keeps stride 1 and multiplies the dilation by 2; its first block uses the previous dilation.
+    """
 
     def __init__(self, block: type, layers: tuple[int, ...], num_classes: int = 1000,
-                 groups: int = 1, width_per_group: int = 64):
+                 groups: int = 1, width_per_group: int = 64,
+                 replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False)):
         super().__init__()
         self.conv1, self.bn1 = _conv(3, 64, 7, 2), nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, padding=1)
-        cin = 64
+        cin, dilation = 64, 1
         for s, (n, planes) in enumerate(zip(layers, (64, 128, 256, 512)), start=1):
-            blocks = []
+            blocks, stride, previous = [], 1 if s == 1 else 2, dilation
+            if s > 1 and replace_stride_with_dilation[s - 2]:
+                stride, dilation = 1, dilation * stride
             for b in range(n):
-                stride = 2 if s > 1 and b == 0 else 1
                 cout = planes * block.expansion
                 # Projection only where the shape changes (option B).
                 down = (nn.Sequential(_conv(cin, cout, 1, stride), nn.BatchNorm2d(cout))
                         if stride != 1 or cin != cout else None)
-                blocks.append(block(cin, planes, stride, down, groups, width_per_group))
-                cin = cout
+                blocks.append(block(cin, planes, stride, down, groups, width_per_group,
+                                    dilation=previous if b == 0 else dilation))
+                cin, stride = cout, 1
             setattr(self, f'layer{s}', nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
 
-    def forward(self, x):
+    def stages(self, x) -> list[torch.Tensor]:
+        """The outputs of layer1..layer4."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        outputs = []
+        for s in range(1, 5):
+            x = getattr(self, f'layer{s}')(x)
+            outputs.append(x)
+        return outputs
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avgpool(self.stages(x)[-1]), 1))
 
 
 class ZeroPadShortcut(nn.Module):
@@ -140,6 +158,47 @@ class ReferenceCifarResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class ReferenceR3D(nn.Module):
+    """torchvision's video ResNet with Conv3DSimple (r3d_18 for layers (2, 2, 2, 2)), in its key layout:
+    `stem.{0,1}` (a (3,7,7) conv at stride (1,2,2), BN), `layer{s}.{b}.conv{i}.{0,1}` (3x3x3 conv, BN),
+    `downsample.{0,1}` (1x1x1 conv at stride 2 on every axis, BN), `fc`. Input NCTHW."""
+
+    def __init__(self, layers: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 400):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv3d(3, 64, (3, 7, 7), (1, 2, 2), (1, 3, 3), bias=False),
+                                  nn.BatchNorm3d(64), nn.ReLU(inplace=True))
+        cin = 64
+        for s, (n, planes) in enumerate(zip(layers, (64, 128, 256, 512)), start=1):
+            blocks = []
+            for b in range(n):
+                stride = 2 if s > 1 and b == 0 else 1
+                block = nn.Module()
+                block.conv1 = nn.Sequential(nn.Conv3d(cin, planes, 3, stride, 1, bias=False),
+                                            nn.BatchNorm3d(planes), nn.ReLU(inplace=True))
+                block.conv2 = nn.Sequential(nn.Conv3d(planes, planes, 3, 1, 1, bias=False),
+                                            nn.BatchNorm3d(planes))
+                block.downsample = (nn.Sequential(nn.Conv3d(cin, planes, 1, stride, bias=False),
+                                                  nn.BatchNorm3d(planes))
+                                    if stride != 1 or cin != planes else None)
+                blocks.append(block)
+                cin = planes
+            setattr(self, f'layer{s}', nn.ModuleList(blocks))
+        self.fc = nn.Linear(cin, num_classes)
+
+    def stages(self, x) -> list[torch.Tensor]:
+        """The outputs of layer1..layer4."""
+        x, outputs = self.stem(x), []
+        for s in range(1, 5):
+            for block in getattr(self, f'layer{s}'):
+                shortcut = x if block.downsample is None else block.downsample(x)
+                x = F.relu(block.conv2(block.conv1(x)) + shortcut)
+            outputs.append(x)
+        return outputs
+
+    def forward(self, x):
+        return self.fc(self.stages(x)[-1].mean(dim=(2, 3, 4)))
 
 
 # torchvision's layer counts and block shapes: (block, layers, groups, width_per_group).
@@ -188,10 +247,10 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
         return torch.rand(shape, generator=g) * (high - low) + low
 
     for m in module.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
             fan_in = m.weight[0].numel()
             m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
             m.weight.copy_(rand(m.weight.shape, 0.5, 1.5))
             m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)

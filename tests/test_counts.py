@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from resnet_jax.models import PRESETS, get_model, param_count
-from resnet_jax.models.summary import count_macs, table
+from resnet_jax.models import PRESETS, get_model, native_resolution, param_count
+from resnet_jax.models.summary import count_macs, input_shape, table
 
 # torchvision V1 weights (REFERENCE_NUMBERS.md): parameters and GMACs at 224x224.
 TORCHVISION = {
@@ -26,8 +26,8 @@ TORCHVISION = {
 
 def params_of(name, **overrides):
     model = get_model(name, **overrides)
-    res = 32 if model.stem == 'cifar' else 224
-    return param_count(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, res, res, 3)))['params'])
+    x = jnp.zeros(input_shape(model, native_resolution(model)))
+    return param_count(jax.eval_shape(model.init, jax.random.key(0), x)['params'])
 
 
 @pytest.mark.parametrize('name', sorted(TORCHVISION))
@@ -137,6 +137,27 @@ def test_resnext29(cardinality, paper):
     assert count == resnext29(cardinality, 64)
     # Xie et al. print 68.1M for 16x64d; the architecture they describe has 68,155,210.
     assert millions(count, 1) == paper
+
+
+def r3d(layers, classes=400):
+    """Tran et al.'s R3D: a 3x7x7 stem conv to 64, stages of basic blocks of two 3x3x3 convs at widths
+    64..512, a 1x1x1 projection + BN where the shape changes, a biased linear head."""
+    total, cin = 3 * 7 * 7 * 3 * 64 + 2 * 64, 64
+    for planes, n in zip((64, 128, 256, 512), layers):
+        for _ in range(n):
+            total += 27 * cin * planes + 2 * planes + 27 * planes * planes + 2 * planes
+            total += cin * planes + 2 * planes if cin != planes else 0
+            cin = planes
+    return total + cin * classes + classes
+
+
+def test_r3d_counts_equal_torchvision_and_the_closed_form():
+    # torchvision's r3d_18 (R3D_18_Weights.KINETICS400_V1): 33,371,472 parameters, 40.697 GMACs
+    # at 16x112x112.
+    assert params_of('r3d_18') == r3d((2, 2, 2, 2)) == 33_371_472
+    assert round(count_macs(get_model('r3d_18'), 112, frames=16) / 1e9, 3) == 40.697
+    assert params_of('r3d_34') == r3d((3, 4, 6, 3))
+    assert params_of('r3d_18', num_classes=101) == r3d((2, 2, 2, 2), classes=101)
 
 
 def test_wrn_dropout_and_drop_path_add_no_parameters():

@@ -15,6 +15,9 @@ IMAGENET = dict(stem='imagenet', stem_width=64, widths=(64, 128, 256, 512), num_
 CIFAR = dict(stem='cifar', stem_width=16, widths=(16, 32, 64), num_classes=10, shortcut='A')
 # Pre-activation nets on CIFAR project the shortcut with a bare 1x1 conv when the shape changes.
 CIFAR_PREACT = dict(CIFAR, shortcut='B', placement='preact')
+# Tran et al. 2018, R3D (torchvision's r3d_18): the ImageNet stages with 3x3x3 convs and 1x1x1
+# projections, a (3,7,7)/(1,2,2) stem without max pool, Kinetics-400 classes; input NTHWC.
+VIDEO = dict(IMAGENET, stem='r3d', spatial_dims=3, num_classes=400)
 
 BASIC_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 BOTTLENECK_STAGES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
@@ -73,6 +76,7 @@ PRESETS: dict[str, dict] = {
     'wrn40_4': _wide(40, 4),
     'resnext29_8x64d': _resnext29(8, 64),
     'resnext29_16x64d': _resnext29(16, 64),
+    **{f'r3d_{d}': dict(VIDEO, stage_sizes=BASIC_STAGES[d], block='basic') for d in (18, 34)},
 }
 
 NETWORK_FIELDS = tuple(f.name for f in dataclasses.fields(ResNet) if f.name not in ('design', 'parent', 'name'))
@@ -101,5 +105,8 @@ def get_model(name: str, num_classes: int | None = None, **overrides) -> ResNet:
 
 
 def native_resolution(model: ResNet) -> int:
-    """The input size a preset was published at: 32 for CIFAR stems, 224 otherwise."""
-    return 32 if model.stem == 'cifar' else 224
+    """The input size a preset was published at: 32 for CIFAR stems, 112 for video nets (torchvision's
+    Kinetics crop), 224 otherwise."""
+    if model.stem == 'cifar':
+        return 32
+    return 112 if model.spatial_dims == 3 else 224

@@ -4,7 +4,8 @@ A network is a stem, stages of residual blocks and a linear head. Every block is
 the same `BlockDesign`, so plain nets, pre-activation nets, gated skips, Fixup and the rest
 are field values rather than classes. Layouts follow PyTorch conventions (symmetric padding
 of (k - 1) / 2, BatchNorm momentum 0.1 in torch terms, epsilon 1e-5) so torchvision weights
-convert exactly; tensors are NHWC.
+convert exactly; tensors are NHWC, or NTHWC for video nets (`spatial_dims=3`), which reuse the
+same blocks with 3x3x3 convs.
 
 Blocks `sow` what they computed into the 'intermediates' collection: 'output' (the residual
 stream h_l), 'branch' (what the branch added) and 'shortcut'; the stem sows h_0 as 'stem'.
@@ -20,22 +21,42 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from resnet_jax.models.design import BlockDesign, check_choice
 
-STEMS = ('imagenet', 'deep', 'cifar')
+# Each stem: its conv kernel, the strides of its convs (three convs for 'deep') and whether a 3x3/2
+# max pool follows. 'r3d' is torchvision's video BasicStem (Tran et al. 2018), with kernel and stride
+# per (time, height, width) axis.
+STEM_LAYOUTS = {
+    'imagenet': (7, (2,), True),
+    'deep': (3, (2, 1, 1), True),
+    'cifar': (3, (1,), False),
+    'r3d': ((3, 7, 7), ((1, 2, 2),), False),
+}
+STEMS = tuple(STEM_LAYOUTS)
+STEMS_BY_DIMS = {2: ('imagenet', 'deep', 'cifar'), 3: ('r3d', 'cifar')}
+# What the network returns: class logits, the dict of stage features, or the pooled vector the head reads.
+OUTPUTS = ('logits', 'features', 'pooled')
 
 # He et al. initialisation as torchvision applies it, and torch's default for the classifier.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
-def conv(features: int, kernel: int, stride: int = 1, groups: int = 1, *, name: str,
-         dtype: Any, kernel_init=conv_init, use_bias: bool = False,
+def _per_dim(value, dims: int) -> tuple[int, ...]:
+    """An int or a per-axis tuple as a tuple with one entry per spatial axis."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+
+def conv(features: int, kernel, stride=1, groups: int = 1, *, name: str, dtype: Any, dims: int = 2,
+         dilation: int = 1, kernel_init=conv_init, use_bias: bool = False,
          bias_init=nn.initializers.zeros) -> nn.Conv:
-    """A conv with PyTorch's symmetric padding, so odd and even sizes match torchvision."""
-    pad = (kernel - 1) // 2
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=[(pad, pad), (pad, pad)],
+    """A conv over `dims` spatial axes with PyTorch's symmetric padding dilation * (k - 1) / 2, so
+    odd and even sizes match torchvision; `kernel` and `stride` are ints or per-axis tuples."""
+    kernel = _per_dim(kernel, dims)
+    pad = [(dilation * (k - 1) // 2,) * 2 for k in kernel]
+    return nn.Conv(features, kernel, _per_dim(stride, dims), padding=pad, kernel_dilation=dilation,
                    feature_group_count=groups, use_bias=use_bias, kernel_init=kernel_init,
                    bias_init=bias_init, dtype=dtype, name=name)
 
@@ -52,14 +73,31 @@ def norm_layer(design: BlockDesign, train: bool, name: str, zero_scale: bool = F
     return lambda h: h
 
 
+def spatial_axes(x) -> tuple[int, ...]:
+    """The axes between batch and channels: (1, 2) for NHWC, (1, 2, 3) for NTHWC."""
+    return tuple(range(1, x.ndim - 1))
+
+
 def max_pool_3x3(x):
-    return nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
+    dims = x.ndim - 2
+    return nn.max_pool(x, (3,) * dims, (2,) * dims, padding=[(1, 1)] * dims)
 
 
-def avg_pool_2x2(x):
-    """2x2/2 average pooling that keeps a trailing odd row/column (ceil mode, pad not counted)."""
-    pad = [(0, x.shape[1] % 2), (0, x.shape[2] % 2)]
-    return nn.avg_pool(x, (2, 2), (2, 2), padding=pad, count_include_pad=False)
+def avg_pool_2x2(x, stride: int = 2, dilation: int = 1):
+    """2x2/2 average pooling over every spatial axis that keeps a trailing odd row/column (ceil
+    mode, padding not counted). In a stage whose stride became dilation it runs at stride 1 with
+    its window dilated like the stage's first conv, so that output j averages inputs j and
+    j + dilation: what the strided pool averaged, on the finer grid."""
+    axes = spatial_axes(x)
+    pad = [(0, 0)] + [(0, dilation if stride == 1 else x.shape[a] % 2) for a in axes] + [(0, 0)]
+    window, strides, window_dilation = ((1,) + (v,) * len(axes) + (1,) for v in (2, stride, dilation))
+
+    def window_sum(v):
+        # A concrete zero lets JAX see a window sum, which reverse-mode autodiff supports.
+        return jax.lax.reduce_window(v, np.zeros((), v.dtype), jax.lax.add, window, strides, pad,
+                                     window_dilation=window_dilation)
+
+    return window_sum(x) / window_sum(jnp.ones(x.shape[:-1] + (1,), x.dtype))
 
 
 class SqueezeExcite(nn.Module):
@@ -70,9 +108,10 @@ class SqueezeExcite(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        s = x.mean(axis=(1, 2), keepdims=True)
-        s = nn.relu(conv(self.hidden, 1, name='reduce', dtype=self.dtype, use_bias=True)(s))
-        s = conv(x.shape[-1], 1, name='expand', dtype=self.dtype, use_bias=True)(s)
+        dims = x.ndim - 2
+        s = x.mean(axis=spatial_axes(x), keepdims=True)
+        s = nn.relu(conv(self.hidden, 1, name='reduce', dtype=self.dtype, dims=dims, use_bias=True)(s))
+        s = conv(x.shape[-1], 1, name='expand', dtype=self.dtype, dims=dims, use_bias=True)(s)
         return x * nn.sigmoid(s)
 
 
@@ -85,12 +124,24 @@ class ResidualBlock(nn.Module):
     design: BlockDesign
     drop_path_rate: float = 0.0
     num_blocks: int = 1  # residual branches in the whole network; Fixup scales by it
+    # Dilation of the convs after the one that carries (or, dilated, would carry) the stride, and of
+    # that conv and those before it; in the first block of a dilated stage the latter is the previous
+    # stage's dilation (torchvision's replace_stride_with_dilation). None: the same as `dilation`.
+    dilation: int = 1
+    first_dilation: int | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, keep=None, grad_route=None):
+        """keep, grad_route: analysis hooks (None: no change). `keep` scales the branch where it joins
+        the shortcut (0 deletes the block; a plain block becomes the identity when its shape allows).
+        `grad_route` changes only the backward pass: the gradient into the branch is scaled by it and
+        the gradient into the shortcut by 1 - grad_route (1: branch only, 0: shortcut only)."""
         d = self.design
         dtype, act = d.compute_dtype, d.act
+        dims = x.ndim - 2
         convs = d.branch_convs(self.planes, self.stride)
+        # The conv that carries a strided block's stride: dilation changes after it.
+        stride_site = next(i for i, c in enumerate(d.branch_convs(self.planes, 2), start=1) if c[2] == 2)
         n = len(convs)
         out_features = convs[-1][0]
         fixup = d.branch_init == 'fixup'
@@ -123,7 +174,8 @@ class ResidualBlock(nn.Module):
             norm_after = d.placement in ('post', 'relu_before_add', 'relu_preact') or (
                 d.placement == 'bn_after_add' and not last)
             zero_this_conv = last and zero_last and not (norm_after and d.norm != 'none')
-            h = conv(features, kernel, stride, groups, name=f'conv{i}', dtype=dtype,
+            h = conv(features, kernel, stride, groups, name=f'conv{i}', dtype=dtype, dims=dims,
+                     dilation=self._first_dilation if i <= stride_site else self.dilation,
                      kernel_init=self._kernel_init(zero_this_conv, n))(h)
             if norm_after:
                 h = norm_layer(d, train, f'norm{i}', zero_scale=last and zero_last)(h)
@@ -142,18 +194,25 @@ class ResidualBlock(nn.Module):
         if d.branch_init == 'skipinit':
             f = f * scalar('branch_gain', 0.0)
         if self.drop_path_rate:
-            f = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3), deterministic=not train)(f)
+            f = nn.Dropout(self.drop_path_rate, broadcast_dims=tuple(range(1, x.ndim)),
+                           deterministic=not train)(f)
+        if grad_route is not None:  # forward values are unchanged (exactly, for 0 and 1)
+            f = grad_route * f + (1 - grad_route) * jax.lax.stop_gradient(f)
+        if keep is not None and d.skip != 'none':
+            f = keep * f
 
         if d.skip == 'none':
             out = f
         else:
             s = self._shortcut(x, projection_input, out_features, train)
+            if grad_route is not None:
+                s = (1 - grad_route) * s + grad_route * jax.lax.stop_gradient(s)
             self.sow('intermediates', 'shortcut', s)
             if d.skip == 'scale':
                 s, f = d.skip_scale * s, d.branch_scale * f
             elif d.skip in ('exclusive_gate', 'shortcut_gate'):
-                g = nn.sigmoid(conv(out_features, 1, self.stride, name='gate', dtype=dtype, use_bias=True,
-                                    bias_init=nn.initializers.constant(d.gate_bias_init))(x))
+                g = nn.sigmoid(conv(out_features, 1, self.stride, name='gate', dtype=dtype, dims=dims,
+                                    use_bias=True, bias_init=nn.initializers.constant(d.gate_bias_init))(x))
                 s = (1 - g) * s
                 if d.skip == 'exclusive_gate':
                     f = g * f
@@ -166,6 +225,8 @@ class ResidualBlock(nn.Module):
             out = norm_layer(d, train, f'norm{n}')(out)
         if d.placement in ('post', 'bn_after_add'):
             out = act(out)
+        if keep is not None and d.skip == 'none' and out.shape == x.shape:
+            out = keep * out + (1 - keep) * x
         self.sow('intermediates', 'output', out)
         return out
 
@@ -178,23 +239,30 @@ class ResidualBlock(nn.Module):
             return nn.initializers.variance_scaling(2.0 * scale, 'fan_out', 'normal')
         return conv_init
 
+    @property
+    def _first_dilation(self) -> int:
+        return self.dilation if self.first_dilation is None else self.first_dilation
+
     def _shortcut(self, x, projection_input, out_features: int, train: bool):
         d = self.design
-        reshaped = self.stride != 1 or x.shape[-1] != out_features
+        dims = x.ndim - 2
+        # A block whose stride became dilation reshapes as the strided block did, on a finer grid.
+        downsamples = self.stride != 1 or self.dilation != self._first_dilation
+        reshaped = downsamples or x.shape[-1] != out_features
         if d.skip == 'conv':  # Identity Mappings, Table 1: a 1x1 conv on every shortcut
-            return conv(out_features, 1, self.stride, name='shortcut_conv',
-                        dtype=d.compute_dtype)(projection_input)
+            return conv(out_features, 1, self.stride, name='shortcut_conv', dtype=d.compute_dtype,
+                        dims=dims)(projection_input)
         if d.shortcut == 'C' or (reshaped and d.shortcut in ('B', 'D')):
             s, stride = projection_input, self.stride
-            if d.shortcut == 'D' and stride > 1:
-                s, stride = avg_pool_2x2(s), 1
-            s = conv(out_features, 1, stride, name='shortcut_conv', dtype=d.compute_dtype)(s)
+            if d.shortcut == 'D' and downsamples:
+                s, stride = avg_pool_2x2(s, stride, self._first_dilation), 1
+            s = conv(out_features, 1, stride, name='shortcut_conv', dtype=d.compute_dtype, dims=dims)(s)
             if d.branch_ends_with_norm:
                 s = norm_layer(d, train, 'shortcut_norm')(s)
             return s
         if reshaped:  # option A: strided subsampling, channels zero-padded; no parameters
-            s = x[:, ::self.stride, ::self.stride, :]
-            return jnp.pad(s, [(0, 0), (0, 0), (0, 0), (0, out_features - x.shape[-1])])
+            s = x[(slice(None),) + (slice(None, None, self.stride),) * dims]
+            return jnp.pad(s, [(0, 0)] * (dims + 1) + [(0, out_features - x.shape[-1])])
         return x
 
 
@@ -204,10 +272,17 @@ class ResNet(nn.Module):
     stage_sizes: blocks per stage; widths: each stage's planes (before bottleneck expansion);
     the first stage keeps the stem's resolution and each later one halves it.
     stem: 'imagenet' (7x7/2 conv + 3x3/2 max pool), 'deep' (three 3x3 convs + max pool,
-      ResNet-C/D) or 'cifar' (one 3x3 conv); stem_width is its output channels.
+      ResNet-C/D), 'cifar' (one 3x3 conv) or 'r3d' (video: a (3,7,7) conv at stride (1,2,2));
+      stem_width is its output channels.
     width_multiplier: the Wide ResNet factor k applied to every stage's planes.
     remat: recompute each block's activations in the backward pass instead of storing them,
       trading about one extra forward pass for memory (larger batches, deeper nets).
+    spatial_dims: 2 for images (NHWC input), 3 for video (NTHWC; 3x3x3 convs, stems 'r3d' or 'cifar').
+    output_stride: the stride of the last stage's output (None: the natural one, 32 for ImageNet
+      stems); smaller values replace the stride of the last stages by dilation (DeepLab; torchvision's
+      replace_stride_with_dilation). `output_strides` lists the allowed values.
+    output: 'logits'; 'features', a dict {'C<k>': stage output} for detection/segmentation heads, with
+      strides in `feature_strides` (no head parameters); or 'pooled', the (N, C) vector the head reads.
     """
 
     num_classes: int = 1000
@@ -217,11 +292,19 @@ class ResNet(nn.Module):
     stem_width: int = 64
     width_multiplier: int = 1
     remat: bool = False
+    spatial_dims: int = 2
+    output_stride: int | None = None
+    output: str = 'logits'
     design: BlockDesign = BlockDesign()
 
     def __post_init__(self):
         super().__post_init__()
         check_choice('stem', self.stem, STEMS)
+        check_choice('spatial_dims', self.spatial_dims, tuple(STEMS_BY_DIMS))
+        check_choice('output', self.output, OUTPUTS)
+        if self.stem not in STEMS_BY_DIMS[self.spatial_dims]:
+            raise ValueError(f'stem={self.stem!r} does not exist with spatial_dims={self.spatial_dims}; choose '
+                             'one of: ' + ', '.join(repr(s) for s in STEMS_BY_DIMS[self.spatial_dims]))
         if len(self.stage_sizes) != len(self.widths) or not self.stage_sizes:
             raise ValueError(f'stage_sizes={tuple(self.stage_sizes)} and widths={tuple(self.widths)} '
                              'must be non-empty and of the same length (one entry per stage)')
@@ -239,10 +322,57 @@ class ResNet(nn.Module):
             for block in range(self.stage_sizes[stage - 1]):
                 self.design.check_widths(in_channels, planes, f'stage {stage}, block {block}')
                 in_channels = self.design.out_channels(planes)
+        if self.output_stride is not None and self.output_stride not in self.output_strides:
+            raise ValueError(f'output_stride={self.output_stride!r} is not possible for stem={self.stem!r} '
+                             f'with {len(self.stage_sizes)} stages; choose one of: '
+                             + ', '.join(map(str, self.output_strides)))
 
     @property
     def stage_planes(self) -> tuple[int, ...]:
         return tuple(w * self.width_multiplier for w in self.widths)
+
+    @property
+    def output_strides(self) -> tuple[int, ...]:
+        """Allowed output_stride values: the natural stride halved once per dilated stage, for up to
+        every stage but the first (32, 16, 8, 4 for ImageNet stems; 4, 2, 1 for the CIFAR stem)."""
+        natural = self._stem_strides[-1] * 2 ** (len(self.stage_sizes) - 1)
+        return tuple(natural // 2 ** k for k in range(len(self.stage_sizes)))
+
+    @property
+    def stage_layout(self) -> list[tuple[int, int, int]]:
+        """(stride, first-block dilation, dilation) of each stage. A dilated stage keeps stride 1
+        and multiplies the dilation by the stride it replaces; its first block keeps the previous
+        stage's dilation up to the conv that carried the stride (torchvision's semantics)."""
+        natural = self.output_strides[0]
+        dilated = int(math.log2(natural // (self.output_stride or natural)))
+        layout, dilation = [], 1
+        for stage in range(len(self.stage_sizes)):
+            stride, previous = (1 if stage == 0 else 2), dilation
+            if stage >= len(self.stage_sizes) - dilated:
+                stride, dilation = 1, dilation * stride
+            layout.append((stride, previous, dilation))
+        return layout
+
+    @property
+    def feature_strides(self) -> dict[str, tuple[int, ...]]:
+        """{'C<k>': stride of that stage's output along each spatial axis}, in stage order. C<k> is
+        the stage whose output has stride 2^k along height and width without dilation (C2..C5 for
+        ImageNet stems, C0..C2 for the CIFAR stem, C1..C4 for 'r3d'); the strides include dilation."""
+        strides, current, nominal = {}, self._stem_strides, self._stem_strides[-1]
+        for stage, (stride, _, _) in enumerate(self.stage_layout):
+            nominal *= 1 if stage == 0 else 2
+            current = tuple(c * stride for c in current)
+            strides[f'C{int(math.log2(nominal))}'] = current
+        return strides
+
+    @property
+    def _stem_strides(self) -> tuple[int, ...]:
+        """The stem's total stride along each spatial axis (time first for video)."""
+        _, conv_strides, max_pool = STEM_LAYOUTS[self.stem]
+        total = (2 if max_pool else 1,) * self.spatial_dims
+        for stride in conv_strides:
+            total = tuple(t * s for t, s in zip(total, _per_dim(stride, self.spatial_dims)))
+        return total
 
     @property
     def block_names(self) -> list[str]:
@@ -250,27 +380,42 @@ class ResNet(nn.Module):
         return [f'stage{s}_block{b}' for s, n in enumerate(self.stage_sizes, start=1) for b in range(n)]
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, keep=None, grad_route=None):
+        """keep, grad_route: optional per-block arrays of shape (L,) for analysis (lesions, Veit et al.'s
+        paths); block l gets entry l (see `ResidualBlock.__call__`). None leaves the network unchanged."""
         d = self.design
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(f'this ResNet has spatial_dims={self.spatial_dims} and takes '
+                             f'{"NHWC" if self.spatial_dims == 2 else "NTHWC"} input; got shape {x.shape}')
         x = self._stem(x.astype(d.compute_dtype), train)
         self.sow('intermediates', 'stem', x)
         names = self.block_names
         block_class = nn.remat(ResidualBlock, static_argnums=(2,)) if self.remat else ResidualBlock
-        index = 0
-        for stage, (size, planes) in enumerate(zip(self.stage_sizes, self.stage_planes), start=1):
+        gates = [None if g is None else jnp.asarray(g, d.compute_dtype) for g in (keep, grad_route)]
+        index, features = 0, {}
+        for planes, size, level, (stride, first_dilation, dilation) in zip(
+                self.stage_planes, self.stage_sizes, self.feature_strides, self.stage_layout):
             for block in range(size):
-                x = block_class(planes, 2 if stage > 1 and block == 0 else 1, d,
+                x = block_class(planes, stride if block == 0 else 1, d,
                                   drop_path_rate=d.drop_path_rate * (index + 1) / len(names),
-                                  num_blocks=len(names), name=names[index])(x, train)
+                                  num_blocks=len(names), dilation=dilation, name=names[index],
+                                  first_dilation=first_dilation if block == 0 else dilation)(
+                    x, train, *(None if g is None else g[index] for g in gates))
                 index += 1
+            features[level] = x
         if d.placement == 'preact':
             x = d.act(norm_layer(d, train, 'final_norm')(x))
         elif d.placement == 'relu_preact':
             x = d.act(x)
-        x = x.mean(axis=(1, 2))
+        if self.output == 'features':
+            features[level] = x  # the last stage as the head would see it (pre-activation: normalised)
+            return features
+        x = x.mean(axis=spatial_axes(x))
         fixup = d.branch_init == 'fixup'
         if fixup:
             x = x + self.param('head_bias_in', nn.initializers.zeros, (), jnp.float32).astype(x.dtype)
+        if self.output == 'pooled':
+            return x.astype(jnp.float32)
         head_init = nn.initializers.zeros if fixup else dense_init
         x = nn.Dense(self.num_classes, kernel_init=head_init, dtype=d.compute_dtype, name='head')(x)
         return x.astype(jnp.float32)
@@ -279,21 +424,20 @@ class ResNet(nn.Module):
         d = self.design
         # A CIFAR pre-activation net starts with a bare conv: its first block pre-activates.
         bare = self.stem == 'cifar' and d.preact
-        if self.stem == 'deep':
-            widths = [(self.stem_width // 2, 2), (self.stem_width // 2, 1), (self.stem_width, 1)]
-        else:
-            widths = [(self.stem_width, 2 if self.stem == 'imagenet' else 1)]
-        kernel = 7 if self.stem == 'imagenet' else 3
-        for i, (features, stride) in enumerate(widths, start=1):
+        kernel, strides, max_pool = STEM_LAYOUTS[self.stem]
+        # One conv to stem_width, or (deep) two at half the width before it.
+        widths = [self.stem_width // 2] * (len(strides) - 1) + [self.stem_width]
+        for i, (features, stride) in enumerate(zip(widths, strides), start=1):
             suffix = str(i) if len(widths) > 1 else ''
-            x = conv(features, kernel, stride, name=f'stem_conv{suffix}', dtype=d.compute_dtype)(x)
+            x = conv(features, kernel, stride, name=f'stem_conv{suffix}', dtype=d.compute_dtype,
+                     dims=self.spatial_dims)(x)
             if bare:
                 continue
             x = norm_layer(d, train, f'stem_norm{suffix}')(x)
             if d.branch_init == 'fixup':
                 x = x + self.param(f'stem_bias{suffix}', nn.initializers.zeros, (), jnp.float32).astype(x.dtype)
             x = d.act(x)
-        if self.stem != 'cifar':
+        if max_pool:
             x = max_pool_3x3(x)
         return x
 

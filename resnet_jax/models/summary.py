@@ -5,7 +5,8 @@
 
 MACs are counted the way torchvision reports GMACs: every conv and linear layer, one
 multiply-add per weight per output position, for one image at the preset's native
-resolution. Shapes come from `jax.eval_shape`, so nothing is computed or allocated.
+resolution (video nets: one clip of VIDEO_FRAMES frames). Shapes come from `jax.eval_shape`,
+so nothing is computed or allocated.
 """
 
 from __future__ import annotations
@@ -21,8 +22,17 @@ from resnet_jax.models.registry import PRESETS, get_model, native_resolution
 from resnet_jax.models.resnet import ResNet, param_count
 
 
-def count_macs(model: ResNet, resolution: int) -> int:
-    """Multiply-accumulates of convs and dense layers for one `resolution`-square image."""
+# torchvision's video GMACs are for 16-frame clips (r3d_18: 40.697 at 16x112x112).
+VIDEO_FRAMES = 16
+
+
+def input_shape(model: ResNet, resolution: int, frames: int = VIDEO_FRAMES) -> tuple[int, ...]:
+    """One image (1, H, W, 3), or one clip (1, T, H, W, 3) for a video net."""
+    return (1,) + ((frames,) if model.spatial_dims == 3 else ()) + (resolution, resolution, 3)
+
+
+def count_macs(model: ResNet, resolution: int, frames: int = VIDEO_FRAMES) -> int:
+    """Multiply-accumulates of convs and dense layers for one `resolution`-square image (or clip)."""
     macs = 0
 
     def count(next_fun, args, kwargs, context):
@@ -36,7 +46,7 @@ def count_macs(model: ResNet, resolution: int) -> int:
             macs += math.prod(out.shape) * fan_in
         return out
 
-    x = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+    x = jax.ShapeDtypeStruct(input_shape(model, resolution, frames), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     with nn.intercept_methods(count):
         jax.eval_shape(model.apply, variables, x)
@@ -48,10 +58,11 @@ def table(names: list[str]) -> str:
     for name in names:
         model = get_model(name)
         resolution = native_resolution(model)
-        x = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+        shape = input_shape(model, resolution)
+        x = jax.ShapeDtypeStruct(shape, jnp.float32)
         params = param_count(jax.eval_shape(model.init, jax.random.key(0), x)['params'])
         gmacs = count_macs(model, resolution) / 1e9
-        rows.append(f'| {name} | {params:,} | {gmacs:.3f} | {resolution}x{resolution} |')
+        rows.append(f'| {name} | {params:,} | {gmacs:.3f} | {"x".join(map(str, shape[1:-1]))} |')
     return '\n'.join(rows)
 
 

@@ -7,7 +7,9 @@ may be left over: a mismatch names the first offending key.
 
 Besides torchvision's ImageNet layout, He et al.'s CIFAR nets (option A shortcuts, and their
 plain twins) load from state_dicts in the same naming, such as `torch_reference` builds;
-torchvision itself has no CIFAR ResNets.
+torchvision itself has no CIFAR ResNets. Video nets (`r3d_18`, `r3d_34`) load from torchvision's
+video layout, where each conv and its BN sit in a Sequential (`stem.0`/`stem.1`,
+`layer{s}.{b}.conv{i}.0`/`.1`), with kernels transposed to DHWIO.
 """
 
 from __future__ import annotations
@@ -30,16 +32,23 @@ TORCHVISION_DESIGN = dict(placement=('post',), norm=('batch',), se_ratio=(0.0,),
 # Per stem, the skip paths those weights were trained with: torchvision's ImageNet nets project a
 # reshaping shortcut (B); He et al.'s CIFAR nets zero-pad it (A, no parameters) or, plain, have none.
 STEM_SKIPS = {'imagenet': dict(shortcut=('B',), skip=('identity',)),
-              'cifar': dict(shortcut=('A',), skip=('identity', 'none'))}
+              'cifar': dict(shortcut=('A',), skip=('identity', 'none')),
+              'r3d': dict(shortcut=('B',), skip=('identity',))}
+# torchvision's video ResNets wrap each conv and its BN in a Sequential: stem.{0,1}, conv{i}.{0,1}.
+VIDEO_NAMES = {'stem_conv': 'stem.0', 'stem_norm': 'stem.1'}
 
 
-def _torch_key(path: tuple[str, ...]) -> tuple[str, str]:
+def _torch_key(path: tuple[str, ...], video: bool = False) -> tuple[str, str]:
     """(torch key, kind) for a Flax variable path such as ('params', 'stage1_block0', 'conv1', 'kernel')."""
     collection, *modules, leaf = path
     names = []
     for module in modules:
         if m := re.fullmatch(r'stage(\d+)_block(\d+)', module):
             names.append(f'layer{m[1]}.{m[2]}')
+        elif video and (m := re.fullmatch(r'(conv|norm)(\d+)', module)):
+            names.append(f'conv{m[2]}.{0 if m[1] == "conv" else 1}')
+        elif video and module in VIDEO_NAMES:
+            names.append(VIDEO_NAMES[module])
         else:
             names.append({'stem_conv': 'conv1', 'stem_norm': 'bn1', 'head': 'fc', 'shortcut_conv': 'downsample.0',
                           'shortcut_norm': 'downsample.1'}.get(module, re.sub(r'^norm', 'bn', module)))
@@ -51,7 +60,7 @@ def _torch_key(path: tuple[str, ...]) -> tuple[str, str]:
 
 def _to_flax(value: np.ndarray, kind: str) -> np.ndarray:
     if kind == 'conv':
-        return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        return value.transpose(*range(2, value.ndim), 1, 0)  # OIHW -> HWIO, OIDHW -> DHWIO
     if kind == 'dense':
         return value.T
     return value
@@ -60,7 +69,7 @@ def _to_flax(value: np.ndarray, kind: str) -> np.ndarray:
 def _torch_shape(flax_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
     """The shape torch stores for a variable of `flax_shape` (the inverse of `_to_flax`)."""
     if kind == 'conv':
-        return tuple(flax_shape[i] for i in (3, 2, 0, 1))
+        return tuple(flax_shape[-1:-3:-1]) + tuple(flax_shape[:-2])
     return tuple(reversed(flax_shape)) if kind == 'dense' else tuple(flax_shape)
 
 
@@ -75,19 +84,20 @@ def from_torchvision(state_dict: Mapping[str, object], model: ResNet) -> dict:
     allowed = dict(TORCHVISION_DESIGN, **STEM_SKIPS.get(model.stem, {}))
     mismatched = {k: getattr(model.design, k) for k, values in allowed.items()
                   if getattr(model.design, k) not in values}
-    if model.stem not in STEM_SKIPS:
+    if model.stem not in STEM_SKIPS or (model.spatial_dims == 3) != (model.stem == 'r3d'):
         mismatched['stem'] = model.stem
     if mismatched:
         raise ValueError(f'torchvision-named weights fit only the layouts they were trained in (per stem, '
                          f'shortcut and skip among {STEM_SKIPS}; design fields among {TORCHVISION_DESIGN}); '
                          f'this model has {mismatched}')
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    x = jnp.zeros((1,) + (64,) * model.spatial_dims + (3,))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
     state_dict = {k: v for k, v in state_dict.items() if not IGNORED_KEYS.match(k)}
     used = set()
 
     def convert(path, target):
         names = tuple(getattr(p, 'key', p) for p in path)
-        key, kind = _torch_key(names)
+        key, kind = _torch_key(names, video=model.spatial_dims == 3)
         if key not in state_dict:
             raise ValueError(f'state_dict has no key {key!r} (needed for {"/".join(names)}, shape '
                              f'{tuple(target.shape)}); is it a checkpoint of this architecture?')
