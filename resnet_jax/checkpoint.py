@@ -140,9 +140,14 @@ def step_dir(path: str) -> str:
 INIT_SOURCES = ('checkpoint:<workdir or step dir>', 'torchvision:<file.pth or .safetensors>')
 
 
-def warm_start(spec: str, model, params, batch_stats) -> tuple[dict, dict]:
-    """(params, batch_stats) taken from another run's checkpoint or torchvision weights; where the
-    classifier head's shape differs (another class count), this model's fresh head is kept."""
+def warm_start(spec: str, model, params, batch_stats, init_head: str = 'keep') -> tuple[dict, dict]:
+    """(params, batch_stats) taken from another run's checkpoint or torchvision weights.
+
+    init_head='keep' takes the classifier head too, so its shape must fit (the same class count);
+    'replace' keeps this model's own head whatever the source's. The targets may be abstract
+    (jax.ShapeDtypeStruct): a source that does not fit is then refused before anything is compiled,
+    and the leaves kept from the targets come back as given.
+    """
     kind, _, path = spec.partition(':')
     if kind == 'checkpoint':
         saved = read_numpy(step_dir(path))
@@ -155,16 +160,22 @@ def warm_start(spec: str, model, params, batch_stats) -> tuple[dict, dict]:
         raise ValueError(f'init_from={spec!r}: choose one of {", ".join(INIT_SOURCES)}')
     target = {'params': params, 'batch_stats': batch_stats}
     flat_source = flax.traverse_util.flatten_dict(jax.device_get(source), sep='/')
-    merged, kept = {}, []
-    for name, value in flax.traverse_util.flatten_dict(target, sep='/').items():
-        if name in flat_source and flat_source[name].shape == value.shape:
+    merged = {}
+    flat_target = flax.traverse_util.flatten_dict(target, sep='/')
+    for name in sorted(flat_target, key=lambda n: n.split('/')[1] == 'head'):  # a backbone misfit is named first
+        value, found = flat_target[name], flat_source[name].shape if name in flat_source else 'nothing'
+        head = name.split('/')[1] == 'head'
+        if head and init_head == 'replace':
+            merged[name] = value
+        elif found == value.shape:
             merged[name] = np.asarray(flat_source[name], value.dtype)
-        elif name.split('/')[1] == 'head':
-            merged[name], _ = value, kept.append(name)
+        elif head:
+            raise ValueError(f'{spec}: its classifier head {name} has shape {found}, and this model '
+                             f'(num_classes={model.num_classes}) needs {value.shape}. Set '
+                             "init_head='replace' to train a fresh head instead")
         else:
-            found = flat_source[name].shape if name in flat_source else 'nothing'
             raise ValueError(f'init_from={spec!r} does not fit this model: {name} needs {value.shape}, found {found}')
-    if kept:
-        logging.warning('init_from %s: classifier head %s has another shape there; keeping a fresh one', spec, kept)
+    if init_head == 'replace':
+        logging.info('init_from %s: a fresh classifier head (init_head=replace)', spec)
     merged = flax.traverse_util.unflatten_dict(merged, sep='/')
     return merged['params'], merged.get('batch_stats', {})

@@ -60,12 +60,16 @@ def test_evaluate_reads_an_older_kept_checkpoint(trained):
 
 
 def test_warm_start_from_a_run_with_another_class_count(trained, tmp_path):
-    """Shapes (10 classes) -> synthetic data with 7 classes: every weight but the head comes over."""
+    """Shapes (10 classes) -> synthetic data with 7 classes and init_head='replace': every weight but the
+    head comes over; without the option the head's shapes are refused."""
     config = tiny_config(**{'data.dataset': 'synthetic', 'model.num_classes': 7,
-                            'init_from': f'checkpoint:{trained}', 'num_steps': 4})
+                            'init_from': f'checkpoint:{trained}', 'num_steps': 4, 'init_head': 'replace'})
     run = Run(config)
     fresh = run.initial_state()
-    params, stats = checkpoint.warm_start(config.init_from, run.model, fresh.params, fresh.batch_stats)
+    with pytest.raises(ValueError, match=r'its classifier head params/head/bias has shape \(10,\), and this model '
+                                         r"\(num_classes=7\) needs \(7,\)\. Set init_head='replace'"):
+        checkpoint.warm_start(config.init_from, run.model, fresh.params, fresh.batch_stats)
+    params, stats = checkpoint.warm_start(config.init_from, run.model, fresh.params, fresh.batch_stats, 'replace')
     source = checkpoint.read_numpy(checkpoint.step_dir(str(trained)))
     got, want = flat(params), flat(source['params'])
     assert got['head/kernel'].shape == (32, 7) and want['head/kernel'].shape == (32, 10)
@@ -80,7 +84,8 @@ def test_warm_start_from_a_run_with_another_class_count(trained, tmp_path):
 
 def test_warm_start_from_torchvision_weights(tmp_path):
     """A torch ResNet-20 with 100 classes (random weights and BN statistics), saved as
-    safetensors, starts a 10-class run: the backbone equals the converted weights, the head is new."""
+    safetensors, starts a 10-class model with init_head='replace': the backbone equals the converted
+    weights, the head is new."""
     torch = pytest.importorskip('torch')
     from safetensors.torch import save_file
 
@@ -92,7 +97,7 @@ def test_warm_start_from_torchvision_weights(tmp_path):
     save_file({k: v.contiguous() for k, v in reference.state_dict().items() if v.dtype != torch.int64}, str(path))
     model = get_model('resnet20', num_classes=10)
     fresh = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
-    params, stats = checkpoint.warm_start(f'torchvision:{path}', model, fresh['params'], fresh['batch_stats'])
+    params, stats = checkpoint.warm_start(f'torchvision:{path}', model, fresh['params'], fresh['batch_stats'], 'replace')
     converted = from_torchvision({k: v.numpy() for k, v in reference.state_dict().items()},
                                  get_model('resnet20', num_classes=100))
     got, want = flat({'params': params, 'batch_stats': stats}), flat(converted)

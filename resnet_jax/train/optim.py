@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import optax
 
+from resnet_jax.train import finetune
 from resnet_jax.train.config import schedule_steps, total_steps
 
 
@@ -60,4 +61,4 @@ def make_optimizer(config, num_train: int) -> optax.GradientTransformation:
         core = [decay, trust, optax.scale_by_learning_rate(schedule),
                 optax.trace(o.momentum, o.nesterov) if o.momentum else optax.identity()]
     clip = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm else []
-    return optax.chain(*clip, *core)
+    return finetune.wrap_optimizer(optax.chain(*clip, *core), config)  # frozen parameters, layer-wise lr

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from resnet_jax.data import augment, device as device_data
-from resnet_jax.train import sharding
+from resnet_jax.train import finetune, sharding
 
 
 @flax.struct.dataclass
@@ -67,10 +67,11 @@ def train_step(state: TrainState, batch, rng, *, model, optimizer, config, mean,
     step_rng = jax.random.fold_in(rng, state.step)
     augment_rng, dropout_rng = jax.random.split(step_rng)
     x, targets = preprocess(augment_rng, batch, config, model.num_classes, mean, std)
+    apply = finetune.train_apply(model, config)  # model.apply, unless parts are frozen
 
     def loss_fn(params):
-        logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-                                      mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+        logits, updates = apply({'params': params, 'batch_stats': state.batch_stats}, x, train=True,
+                                mutable=['batch_stats'], rngs={'dropout': dropout_rng})
         loss = optax.softmax_cross_entropy(logits, targets).mean()
         return loss, (logits, updates.get('batch_stats', {}))
 
