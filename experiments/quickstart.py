@@ -5,8 +5,14 @@
 Hardware: any CPU (2 cores: about 3 minutes). Expected: eval/top1 above 0.9 on the 2,000
 test images (chance is 0.1), a progress line every few seconds, and metrics.jsonl,
 TensorBoard events, config.json, checkpoints/ and train_curves.png in the workdir.
+
+The sweep (get_sweep) is this ResNet-8 and its plain twin (model.skip=none), 2 seeds each:
+
+    python -m resnet_jax.sweep --config=experiments/quickstart.py --sweep_dir=/tmp/quickstart_sweep --local_parallel=2
+    python -m resnet_jax.results /tmp/quickstart_sweep --metric=eval/top1,train/top1
 """
 
+from resnet_jax.sweep import product, seeds
 from resnet_jax.train.config import base_config
 
 
@@ -28,3 +34,7 @@ def get_config(arg=None):
     c.checkpoint_every_steps = 200
     c.log_every_steps = 20
     return c
+
+
+def get_sweep(arg=None):
+    return product({'model.skip': ['identity', 'none']}, seeds(2))

@@ -1,0 +1,451 @@
+"""Sweeps: many runs of one experiment file, launched, skipped and resumed as a whole.
+
+An experiment file defines its sweep next to its config: `get_sweep(arg)` returns a list of
+override dicts, built with the helpers below, one dict per run:
+
+    def get_sweep(arg):
+        nets = product({'arg': ['resnet20', 'plain20']}, {'optim.lr': [0.1, 0.05]})
+        return product(nets, seeds(3)) + sample({'optim.lr': log_uniform(0.01, 1.0)}, budget=4, seed=0)
+
+Each key is a config field set as `--config.<key>=<value>`, except 'arg', which picks the
+run's `get_config(arg)` (a run without it uses `get_config()`). A run's directory name is
+built from its overrides (`resnet20,lr=0.1,seed=0`), and the sweep directory records the
+definition in `sweep.json`:
+
+    python -m resnet_jax.sweep --config=experiments/cifar10.py --sweep_dir=runs/table6 --launcher=local
+
+expands the sweep, builds and validates every run's config exactly as `resnet_jax.train`
+will (so a bad override fails before anything starts), refuses a sweep directory that holds
+a different sweep, skips finished runs and hands the rest to `resnet_jax.launch.<launcher>`.
+An unfinished run is resumed by running the same command in the same workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import sys
+
+import numpy as np
+from absl import flags
+
+from resnet_jax.train import config as config_lib
+from resnet_jax.train.loop import DONE_FILE
+
+ARG = 'arg'               # the override key that selects get_config's argument
+SWEEP_FILE = 'sweep.json'
+LAUNCHERS = ('local', 'slurm', 'tpu')
+STATES = ('finished', 'unfinished', 'new')
+MAX_NAME = 200            # directory names stay below the usual 255-byte limit
+
+
+class SweepError(ValueError):
+    """A sweep that cannot be launched; the message names the run and the problem."""
+
+
+# --- the sweep algebra: each helper returns a list of override dicts --------------------------
+
+def product(*factors) -> list[dict]:
+    """Every combination of one entry from each factor, merged. A factor is a list of override dicts
+    or a dict {key: [values]}, which is itself the product over its keys."""
+    lists = []
+    for factor in factors:
+        if isinstance(factor, dict):
+            axes = [[{key: value} for value in _values(key, values)] for key, values in factor.items()]
+            lists.append([_merge(combo) for combo in itertools.product(*axes)])
+        else:
+            lists.append(list(factor))
+    return [_merge(combo) for combo in itertools.product(*lists)]
+
+
+def zipped(axes: dict) -> list[dict]:
+    """{key: [values]} of equal lengths -> one run per position: [{k1: a1, k2: b1}, {k1: a2, k2: b2}, ...]."""
+    lengths = {key: len(_values(key, values)) for key, values in axes.items()}
+    if len(set(lengths.values())) > 1:
+        raise SweepError(f'zipped() needs value lists of one length, got {lengths}')
+    return [dict(zip(axes, values)) for values in zip(*axes.values())]
+
+
+def seeds(n: int, first: int = 0) -> list[dict]:
+    """[{'seed': first}, ..., {'seed': first + n - 1}]: repetitions, averaged over by the results table."""
+    if n < 1:
+        raise SweepError(f'seeds() needs n >= 1, got {n}')
+    return [{'seed': s} for s in range(first, first + n)]
+
+
+@dataclasses.dataclass(frozen=True)
+class uniform:  # noqa: N801 (reads as a distribution in a sample() space)
+    """A float drawn uniformly from [low, high], rounded to `digits` significant digits."""
+    low: float
+    high: float
+    digits: int = 3
+
+    def draw(self, rng: np.random.Generator) -> float:
+        return _round(rng.uniform(self.low, self.high), self.digits)
+
+
+@dataclasses.dataclass(frozen=True)
+class log_uniform(uniform):  # noqa: N801
+    """A float whose logarithm is uniform on [log low, log high] (learning rates, weight decay)."""
+
+    def draw(self, rng: np.random.Generator) -> float:
+        if not 0 < self.low < self.high:
+            raise SweepError(f'log_uniform needs 0 < low < high, got {self.low}, {self.high}')
+        return _round(math.exp(rng.uniform(math.log(self.low), math.log(self.high))), self.digits)
+
+
+def sample(space: dict, budget: int, seed: int = 0) -> list[dict]:
+    """`budget` distinct random points of `space` ({key: list of choices | uniform | log_uniform}),
+    the same ones for the same seed; keys are drawn in the order given."""
+    rng = np.random.default_rng(seed)
+    points, seen = [], set()
+    for _ in range(100 * budget):
+        if len(points) == budget:
+            break
+        point = {key: dist.draw(rng) if isinstance(dist, uniform) else _values(key, dist)[rng.integers(len(dist))]
+                 for key, dist in space.items()}
+        if canonical(point) not in seen:
+            seen.add(canonical(point))
+            points.append(point)
+    if len(points) < budget:
+        raise SweepError(f'sample() found only {len(points)} distinct points of {sorted(space)} for a budget of '
+                         f'{budget}; widen the space or lower the budget')
+    return points
+
+
+def options(arg: str | None, default: str, **defaults) -> tuple[str, dict]:
+    """Parse an experiment argument '[name][,key=value,...]' into (name or `default`, options).
+
+    Options take the type of their default; an unknown option or a bad value is an error
+    listing the allowed options. `options('wrn28_10,seeds=5', 'wrn16_8', seeds=1)` is
+    ('wrn28_10', {'seeds': 5}); `options('seeds=5', 'wrn16_8', seeds=1)` is ('wrn16_8', {'seeds': 5}).
+    """
+    pairs = arg.split(',') if arg else []
+    name = pairs.pop(0) if pairs and '=' not in pairs[0] else ''
+    values = dict(defaults)
+    for pair in pairs:
+        key, eq, text = pair.partition('=')
+        if key not in defaults or not eq:
+            raise SweepError(f'experiment argument {arg!r}: {pair!r} is not an option; use name,key=value with key '
+                             f'one of: {", ".join(defaults) or "(none)"}')
+        kind = type(defaults[key])
+        try:
+            values[key] = text if kind is str else kind(text)
+        except ValueError:
+            raise SweepError(f'experiment argument {arg!r}: {key}={text!r} is not a {kind.__name__}') from None
+    return name or default, values
+
+
+def _values(key, values) -> list:
+    if not isinstance(values, (list, tuple)) or not values:
+        raise SweepError(f'{key!r}: give a non-empty list of values, got {values!r}')
+    return list(values)
+
+
+def _merge(parts) -> dict:
+    merged = {}
+    for part in parts:
+        clash = merged.keys() & part.keys()
+        if clash:
+            raise SweepError(f'product(): key {sorted(clash)[0]!r} is set by two factors ({merged} and {part})')
+        merged.update(part)
+    return merged
+
+
+def _round(x: float, digits: int) -> float:
+    return float(f'{x:.{digits}g}')
+
+
+def canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, default=list)
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    name: str        # directory name derived from the overrides: filesystem-safe, unique in the sweep
+    config: str      # the config spec, e.g. '/abs/experiments/cifar10.py:resnet20'
+    workdir: str     # absolute: <sweep_dir>/<name>
+    overrides: dict  # {'model.skip': 'none', 'seed': 1, ...}, passed as --config.<key>=<value>
+
+    def train_args(self) -> list[str]:
+        """['-m', 'resnet_jax.train', '--config=...', '--workdir=...', '--config.k=v', ...] (no interpreter)."""
+        return ['-m', 'resnet_jax.train', f'--config={self.config}', f'--workdir={self.workdir}',
+                *(f'--config.{key}={_flag_value(value)}' for key, value in self.overrides.items())]
+
+    def command(self, python: str = sys.executable) -> str:
+        return shlex.join([python, *self.train_args()])
+
+
+def run_state(workdir: str) -> str:
+    """'finished' (the run wrote done.json at its last step), 'unfinished' (it has a checkpoint) or 'new'."""
+    if os.path.exists(os.path.join(workdir, DONE_FILE)):
+        return 'finished'
+    checkpoints = os.path.join(workdir, 'checkpoints')
+    if os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints)):
+        return 'unfinished'
+    return 'new'
+
+
+def _flag_value(value) -> str:
+    """The command-line text that ml_collections' config flags parse back into `value`."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return repr(_tuples(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def name_value(value) -> str:
+    if isinstance(value, float):
+        short = f'{value:g}'
+        return short if float(short) == value else repr(value)
+    if isinstance(value, (list, tuple)):
+        return '-'.join(name_value(v) for v in value)
+    return str(value)
+
+
+def short_keys(entries: list[dict]) -> dict[str, str]:
+    """How each key appears in names: its last component ('optim.lr' -> 'lr') unless two keys share it."""
+    keys = list(dict.fromkeys(key for entry in entries for key in entry))
+    last = [key.rsplit('.', 1)[-1] for key in keys]
+    return {key: tail if last.count(tail) == 1 else key for key, tail in zip(keys, last)}
+
+
+def entry_name(entry: dict, short: dict[str, str]) -> str:
+    """'resnet110,skip=scale,skip_scale=0.5': 'arg' as its bare value, the rest as key=value, made
+    filesystem-safe; never '.', '..' or a leading '-'; cut with a hash of the whole past MAX_NAME."""
+    parts = [name_value(v) if k == ARG else f'{short[k]}={name_value(v)}' for k, v in entry.items()]
+    name = re.sub(r'[^A-Za-z0-9._+,=-]', '-', ','.join(parts)) or 'default'
+    if name[0] in '.-':
+        name = '_' + name
+    if len(name) > MAX_NAME:
+        name = f'{name[:MAX_NAME - 11]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}'
+    return name
+
+
+def run_names(entries: list[dict]) -> list[str]:
+    """Every run's directory name (`entry_name`), deterministic and checked unique in the sweep."""
+    short = short_keys(entries)
+    names, owner = [], {}
+    for i, entry in enumerate(entries):
+        name = entry_name(entry, short)
+        if name in owner:
+            raise SweepError(f'runs {owner[name]} {entries[owner[name]]} and {i} {entry} both get the directory name '
+                             f'{name!r}; make their overrides differ in more than unsafe characters')
+        owner[name] = i
+        names.append(name)
+    return names
+
+
+def expand(spec: str, sweep_dir: str) -> tuple[dict, list[RunSpec]]:
+    """(definition, runs) of the sweep that the experiment file 'path.py[:arg]' defines."""
+    path, _, arg = spec.partition(':')
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise SweepError(f'--config={spec}: no such file {path}')
+    module = config_lib.config_module(path)
+    if not hasattr(module, 'get_sweep'):
+        raise SweepError(f'{path} defines no get_sweep(arg); add one returning a list of override dicts '
+                         '(see resnet_jax/sweep.py)')
+    entries = module.get_sweep(arg) if arg else module.get_sweep()
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise SweepError(f'{path}: get_sweep({arg!r}) must return a non-empty list of dicts, got {entries!r}')
+    for entry in entries:
+        bad = [k for k, v in entry.items() if not isinstance(k, str) or v is None or isinstance(v, dict)]
+        if bad:
+            raise SweepError(f'{path}: run {entry}: {bad[0]!r} needs a value (a number, string, bool or tuple; '
+                             'leave the key out to keep the default)')
+    sweep_dir = os.path.abspath(sweep_dir)
+    runs = [RunSpec(name, f'{path}:{entry[ARG]}' if ARG in entry else path, os.path.join(sweep_dir, name),
+                    {k: v for k, v in entry.items() if k != ARG})
+            for name, entry in zip(run_names(entries), entries)]
+    definition = {'config': f'{path}:{arg}' if arg else path, 'entries': json.loads(canonical(entries))}
+    return definition, runs
+
+
+def resolve(run: RunSpec):
+    """The run's config, built by ml_collections' config flags from the run's command line, exactly
+    as `python -m resnet_jax.train` builds it; an override that does not survive the command line
+    (a wrong type, an unknown field) is an error naming the run."""
+    from ml_collections import config_flags
+
+    argv = ['resnet_jax.train', *run.train_args()[2:]]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', None, flag_values=values, sys_argv=argv)
+    flags.DEFINE_string('workdir', None, '', flag_values=values)
+    try:
+        values(argv)
+        config = values.config
+        for key, value in run.overrides.items():
+            got = config
+            for part in key.split('.'):
+                got = got[part]
+            if _tuples(got) != _tuples(value):
+                raise ValueError(f'--config.{key}={_flag_value(value)} became {got!r}')
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise SweepError(f'run {run.name}: {e}') from None
+    return config
+
+
+def validate_runs(runs: list[RunSpec], check_data: bool = True) -> list:
+    """Every run's config, validated with the project's checks before anything is launched.
+
+    The mesh is checked on the fewest devices it accepts (the launch machine may not be the
+    one that trains); with `check_data`, each distinct training split is opened (file names or
+    metadata only) so that schedules are checked against its size.
+    """
+    from resnet_jax.data import sources
+
+    sizes, configs = {}, []
+    for run in runs:
+        config = resolve(run)
+        data = config.data
+        num_train = None
+        if check_data:
+            key = (data.dataset, data.train_split, data.tfds_data_dir, data.num_train, data.train_subset)
+            if key not in sizes:
+                try:
+                    sizes[key] = (min(data.num_train, data.train_subset or data.num_train)
+                                  if data.dataset in ('shapes', 'synthetic')
+                                  else len(sources.open_source(config, data.train_split)))
+                except (OSError, ValueError) as e:
+                    raise SweepError(f'run {run.name}: its training data cannot be opened here: {e}. If only the '
+                                     'machines that train can read it, pass --nocheck_data') from None
+            num_train = sizes[key]
+        fsdp = max(config.mesh.fsdp, 1)
+        devices = fsdp * (config.mesh.data if config.mesh.data > 0 else 1)
+        try:
+            config_lib.validate(config, devices, num_train)
+        except config_lib.ConfigError as e:
+            raise SweepError(f'run {run.name}: {e}') from None
+        configs.append(config)
+    return configs
+
+
+def record(sweep_dir: str, definition: dict, runs: list[RunSpec], write: bool = True) -> None:
+    """Write `<sweep_dir>/sweep.json`, or check that the one there holds the same definition.
+    A different sweep is refused, naming what differs; nothing is ever deleted."""
+    path = os.path.join(sweep_dir, SWEEP_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)['definition']
+        if old != definition:
+            if old['config'] != definition['config']:
+                what = f"it was made from {old['config']}, this one from {definition['config']}"
+            else:
+                old_names, new_names = set(run_names(old['entries'])), {r.name for r in runs}
+                what = (f'runs only there: {sorted(old_names - new_names)}; runs only here: '
+                        f'{sorted(new_names - old_names)}' if old_names != new_names else "the runs' overrides differ")
+            raise SweepError(f'{sweep_dir} holds a different sweep ({what}). Use another --sweep_dir; '
+                             'the existing runs are kept as they are')
+        return
+    if write:
+        os.makedirs(sweep_dir, exist_ok=True)
+        content = {'definition': definition,
+                   'runs': [dict(dataclasses.asdict(run), command=run.command()) for run in runs]}
+        with open(path + '.tmp', 'w') as f:
+            json.dump(content, f, indent=2, default=list)
+        os.replace(path + '.tmp', path)
+
+
+def load(sweep_dir: str) -> tuple[dict, list[RunSpec]]:
+    """(definition, runs) as recorded in `<sweep_dir>/sweep.json`."""
+    path = os.path.join(sweep_dir, SWEEP_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{sweep_dir} has no {SWEEP_FILE}: is it a sweep directory made by '
+                                'python -m resnet_jax.sweep?')
+    with open(path) as f:
+        content = json.load(f)
+    runs = [RunSpec(r['name'], r['config'], r['workdir'], r['overrides']) for r in content['runs']]
+    return content['definition'], runs
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+def _define_flags() -> None:
+    flags.DEFINE_string('config', None, "experiment file with get_sweep(arg): 'experiments/cifar10.py[:arg]'")
+    flags.DEFINE_string('sweep_dir', None, 'directory holding sweep.json and one workdir per run')
+    flags.DEFINE_enum('launcher', 'local', LAUNCHERS, 'where the runs are started')
+    flags.DEFINE_bool('dry_run', False, 'expand, validate and print what would be launched; write nothing')
+    flags.DEFINE_string('only', None, 'launch only the runs whose name matches this regular expression')
+    flags.DEFINE_bool('check_data', True, "open each run's training split to check schedules against its size")
+    flags.mark_flags_as_required(['config', 'sweep_dir'])
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise SystemExit(f'unexpected arguments: {argv[1:]}')
+    return run_sweep(flags.FLAGS)
+
+
+def run_sweep(options) -> int:
+    """The command: expand, validate, record, skip finished runs and launch the rest; the exit code.
+    `options` has the flags of _define_flags and of the launcher's module (absl FLAGS or a Namespace)."""
+    try:
+        only = re.compile(options.only) if options.only else None
+    except re.error as e:
+        raise SweepError(f'--only={options.only!r} is not a regular expression: {e}') from None
+    definition, runs = expand(options.config, options.sweep_dir)
+    selected = [run for run in runs if only is None or only.search(run.name)]
+    if not selected:
+        raise SweepError(f'--only={options.only!r} matches none of the runs: {", ".join(r.name for r in runs)}')
+    validate_runs(runs, options.check_data)
+    sweep_dir = os.path.abspath(options.sweep_dir)
+    record(sweep_dir, definition, runs, write=not options.dry_run)
+    states = {run.name: run_state(run.workdir) for run in selected}
+    width = max(len(run.name) for run in selected)
+    print(f'sweep {definition["config"]}: {len(runs)} runs in {sweep_dir}' +
+          (f', {len(selected)} selected by --only' if only else ''))
+    for run in selected:
+        print(f'  {run.name:<{width}}  {states[run.name]}')
+    todo = [run for run in selected if states[run.name] != 'finished']
+    if not todo:
+        print('every selected run is finished; nothing to launch')
+        return 0
+    launcher = importlib.import_module(f'resnet_jax.launch.{options.launcher}')
+    return launcher.launch(todo, sweep_dir, options)
+
+
+def _launcher_from_argv(argv: list[str]) -> str:
+    """--launcher, read before absl parses the command line so that its module's flags exist then."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument('--launcher', default='local')
+    return parser.parse_known_args(argv[1:])[0].launcher
+
+
+def cli() -> None:
+    """`python -m resnet_jax.sweep`: the launcher's module is imported before absl parses the command
+    line, so that its flags (--slurm_*, --tpu_*, --local_*) are known then."""
+    from absl import app
+
+    _define_flags()
+    if _launcher_from_argv(sys.argv) in LAUNCHERS:
+        importlib.import_module(f'resnet_jax.launch.{_launcher_from_argv(sys.argv)}')
+
+    def run(argv):
+        try:
+            sys.exit(main(argv))
+        except SweepError as e:
+            sys.exit(f'error: {e}')
+
+    app.run(run)
+
+
+if __name__ == '__main__':  # run the imported module's cli, so launchers see the same RunSpec class
+    from resnet_jax import sweep
+
+    sweep.cli()
