@@ -18,11 +18,12 @@ from resnet_jax.train.loop import Run
 
 
 
-def restore_workdir(workdir: str, step: int | None = None):
-    """(Run rebuilt from the workdir's recorded config, its checkpoint `step` or the newest readable one)."""
+def restore_workdir(workdir: str, step: int | None = None, run: Run | None = None):
+    """(Run rebuilt from the workdir's recorded config, its checkpoint `step` or the newest readable one);
+    pass the `run` of an earlier call to restore another step without rebuilding it."""
     if not os.path.exists(os.path.join(workdir, 'config.json')):
         raise FileNotFoundError(f'{workdir} has no config.json: is it a resnet_jax.train workdir?')
-    run = Run(config_lib.load_resolved(workdir))
+    run = Run(config_lib.load_resolved(workdir)) if run is None else run
     manager = checkpoint.Manager(os.path.join(workdir, 'checkpoints'), run.config, read_only=True)
     restored = manager.restore(run.abstract_state, step)
     manager.close()
