@@ -21,6 +21,7 @@ from ml_collections import config_dict
 from resnet_jax.data.sources import check_dataset_name
 from resnet_jax.models.design import BlockDesign, check_choice
 from resnet_jax.models.registry import PRESETS, close_matches, get_model
+from resnet_jax.train import finetune
 
 OPTIMIZERS = ('sgd', 'lars', 'adamw')
 SCHEDULES = ('piecewise', 'cosine', 'constant')
@@ -37,8 +38,9 @@ EVAL_METRICS = ('eval/top1', 'eval/top5', 'eval/loss', 'ema_eval/top1', 'ema_eva
 SAFE_TO_CHANGE = ('log_every_steps', 'progress_seconds', 'eval_every_steps', 'eval_batch_size',
                   'checkpoint_every_steps', 'keep_checkpoints', 'keep_best_checkpoints', 'best_metric', 'best_mode',
                   'peak_tflops_per_device', 'data.workers', 'num_steps', 'num_epochs', 'resume_allow_changes',
-                  'init_from')
+                  'init_from', 'init_head')
 PARAM_RULES = ('replicate', 'fsdp')
+INIT_HEADS = ('keep', 'replace')
 
 
 class ConfigError(ValueError):
@@ -57,6 +59,7 @@ def _model_section() -> ml_collections.ConfigDict:
     model.stem_width = config_dict.placeholder(int)
     model.width_multiplier = config_dict.placeholder(int)
     model.remat = config_dict.placeholder(bool)
+    model.output_stride = config_dict.placeholder(int)  # None: natural; smaller dilates the last stages
     return model
 
 
@@ -133,17 +136,29 @@ def base_config() -> ml_collections.ConfigDict:
     c.nonfinite = 'stop'               # a NaN/Inf loss or gradient: 'stop' the run, or 'skip' the update
     c.resume_allow_changes = ()        # fields allowed to differ from the stored config on resume
     c.init_from = ''                   # a new run starts from 'checkpoint:<workdir>' or 'torchvision:<file>'
+    c.init_head = 'keep'               # init_from's classifier head: 'keep' (its shape must fit) or 'replace' (fresh)
+    c.finetune = ml_collections.ConfigDict()  # see resnet_jax/train/finetune.py
+    c.finetune.freeze = ()             # regexes on parameter paths ('params/stem_.*', 'params/stage1_.*')
+    c.finetune.freeze_batch_stats = 'none'  # BatchNorms in eval mode: 'none', 'frozen' (frozen layers), 'all'
+    c.finetune.layer_lr_decay = 1.0    # lr x decay ** (blocks between a parameter and the head); 1.0: off
+    c.finetune.linear_probe = False    # train only the head, on features computed once in eval mode
     c.peak_tflops_per_device = config_dict.placeholder(float)  # overrides the device table for MFU
     c.lock()  # experiment files and the command line may change fields, never invent them
     return c
 
 
-def from_file(spec: str) -> ml_collections.ConfigDict:
-    """The config named by 'path/to/file.py[:arg]', loaded as --config=... loads it."""
-    path, _, arg = spec.partition(':')
+def config_module(path: str):
+    """The experiment file at `path` as a module (its get_config, and get_sweep where it has one)."""
     module_spec = importlib.util.spec_from_file_location(f'_config_{abs(hash(path))}', path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    return module
+
+
+def from_file(spec: str) -> ml_collections.ConfigDict:
+    """The config named by 'path/to/file.py[:arg]', loaded as --config=... loads it."""
+    path, _, arg = spec.partition(':')
+    module = config_module(path)
     return module.get_config(arg) if arg else module.get_config()
 
 
@@ -179,9 +194,12 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
         _fail('model.name', f'unknown model {config.model.name!r}.{close_matches(config.model.name, PRESETS)}'
                             ' Run python -m resnet_jax.models.summary for the list.')
     try:
-        get_model(config.model.name, **model_overrides(config))
+        model = get_model(config.model.name, **model_overrides(config))
     except ValueError as e:
         _fail('model', str(e))
+    if model.spatial_dims != 2:
+        _fail('model.name', f'{config.model.name!r} is a video network (NTHWC clips) and the data pipelines '
+                            'feed images; use it from Python (resnet_jax.models.get_model) with video input')
 
     _check_choice('optim.name', config.optim.name, OPTIMIZERS)
     _check_choice('optim.schedule', config.optim.schedule, SCHEDULES)
@@ -202,6 +220,7 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
     if config.keep_best_checkpoints < 0:
         _fail('keep_best_checkpoints', f'must be >= 0, got {config.keep_best_checkpoints}')
     _check_data(config.data)
+    _check_finetune(config)
     for pattern, rule in config.mesh.param_rules:
         _check_choice('mesh.param_rules', rule, PARAM_RULES)
         try:
@@ -250,6 +269,47 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
                                           f'({warmup + 1}..{steps - 1}); training has {steps} steps')
         if warmup >= steps:
             _fail('optim.warmup_steps', f'warm-up of {warmup} steps does not end before the {steps} training steps')
+
+
+def _check_finetune(config) -> None:
+    """The fine-tuning fields; patterns are checked against the model's parameter paths (an abstract init)."""
+    f = config.finetune
+    _check_choice('init_head', config.init_head, INIT_HEADS)
+    _check_choice('finetune.freeze_batch_stats', f.freeze_batch_stats, finetune.FREEZE_BATCH_STATS)
+    if not 0 < f.layer_lr_decay <= 1:
+        _fail('finetune.layer_lr_decay', f'must be in (0, 1] (1.0 turns it off), got {f.layer_lr_decay}')
+    if f.linear_probe:
+        for field, off in (('finetune.freeze', ()), ('finetune.freeze_batch_stats', 'none'),
+                           ('finetune.layer_lr_decay', 1.0), ('optim.ema_decay', 0.0), ('data.mixup_alpha', 0.0),
+                           ('data.cutmix_alpha', 0.0)):
+            if config[field] != off:
+                _fail(field, f'{config[field]!r} does not apply to finetune.linear_probe, which trains only the '
+                             f'head, without augmentation, on features computed once in eval mode; leave it at {off!r}')
+    for pattern in f.freeze:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            _fail('finetune.freeze', f'{pattern!r} is not a regular expression: {e}')
+    if not f.freeze and f.freeze_batch_stats == 'none':
+        return
+    names = finetune.variable_names(get_model(config.model.name, **model_overrides(config)), config.data.image_size)
+    params = names['params']
+    if f.freeze_batch_stats != 'none' and not names['batch_stats']:
+        _fail('finetune.freeze_batch_stats', f'{f.freeze_batch_stats!r} needs BatchNorm layers, and this model has '
+                                             "none; use 'none'")
+    for pattern in finetune.unmatched(f.freeze, params):
+        tops = sorted({n.split('/')[1] for n in params})
+        _fail('finetune.freeze', f'{pattern!r} matches no parameter of {config.model.name}. Patterns are '
+                                 f'fullmatched against paths such as {", ".join(params[:3])}, {params[-1]}; '
+                                 f'the top-level modules are {", ".join(tops)}')
+    frozen = finetune.frozen_fn(config) or (lambda name: False)
+    if f.freeze and all(frozen(n) for n in params):
+        _fail('finetune.freeze', f'{tuple(f.freeze)} freezes every parameter; nothing would train')
+    if f.freeze_batch_stats == 'frozen':
+        norms = {n.rsplit('/', 1)[0].replace('batch_stats/', 'params/', 1) for n in names['batch_stats']}
+        if not any(frozen(f'{n}/scale') and frozen(f'{n}/bias') for n in norms):
+            _fail('finetune.freeze_batch_stats', "'frozen' puts the BatchNorms whose scale and bias are frozen "
+                                                 f'in eval mode, and finetune.freeze={tuple(f.freeze)} freezes none')
 
 
 def _check_data(d) -> None:

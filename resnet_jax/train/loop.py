@@ -84,6 +84,26 @@ class Run:
         init_rng = jax.random.fold_in(jax.random.key(self.config.seed), -1 % 2 ** 31)
         return jax.jit(self.init, out_shardings=self.state_sharding)(init_rng)
 
+    def first_state(self):
+        """The state a new run starts from: `initial_state`, or for fine-tuning the weights of
+        config.init_from (read and checked before anything is compiled) with a fresh optimizer."""
+        config = self.config
+        if not config.init_from:
+            return self.initial_state()
+        try:
+            loaded = checkpoint.warm_start(config.init_from, self.model, self.abstract_state.params,
+                                           self.abstract_state.batch_stats, config.init_head)
+        except ValueError as e:
+            raise config_lib.ConfigError(f'config.init_from: {e}') from None
+        state = self.initial_state()
+        params, batch_stats = jax.tree_util.tree_map(  # a replaced head keeps its initialisation
+            lambda w, fresh: fresh if isinstance(w, jax.ShapeDtypeStruct) else w, loaded,
+            jax.device_get((state.params, state.batch_stats)))
+        ema = params if state.ema_params is not None else None
+        state = state.replace(params=params, batch_stats=batch_stats, opt_state=self.optimizer.init(params),
+                              ema_params=ema)
+        return jax.device_put(state, self.state_sharding)
+
     def train_inputs(self, start_step: int):
         """(iterator, next_input): next_input() is the train step's data argument for steps start_step,
         start_step+1, ...: the next global batch, or the device-resident dataset itself."""
@@ -111,6 +131,15 @@ class Run:
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the same command again
 NONFINITE_EXIT_CODE = 3   # stopped on a NaN/Inf loss or gradient (config.nonfinite='stop')
+DONE_FILE = 'done.json'   # in the workdir once the run reached its last step; sweeps skip such runs
+
+
+def mark_done(workdir: str, step: int, metrics: dict) -> None:
+    """Write `<workdir>/done.json` atomically, so a sweep never reads a half-written marker."""
+    path = os.path.join(workdir, DONE_FILE)
+    with open(path + '.tmp', 'w') as f:
+        json.dump({'step': step, 'metrics': metrics}, f)
+    os.replace(path + '.tmp', path)
 
 
 class Preempted(Exception):
@@ -170,18 +199,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     restored = manager.restore(run.abstract_state)
     if lead:
         config_lib.write_resolved(config, workdir)
+    if config.finetune.linear_probe:  # only the head trains, on features computed once
+        from resnet_jax.train import probe  # it builds on this module
+        return probe.train_head(run, run.first_state() if restored is None else restored.state, manager, workdir)
     rng = jax.random.key(config.seed)
     batches, next_input = run.train_inputs(0)
     skipped_updates = 0
     if restored is None:
-        state = run.initial_state()
-        if config.init_from:  # fine-tuning: weights from elsewhere, a fresh optimizer
-            params, batch_stats = checkpoint.warm_start(config.init_from, run.model, *jax.device_get(
-                (state.params, state.batch_stats)))
-            state = jax.device_put(state.replace(params=params, batch_stats=batch_stats,
-                                                 opt_state=run.optimizer.init(params),
-                                                 ema_params=params if state.ema_params is not None else None),
-                                   run.state_sharding)
+        state = run.first_state()
     else:
         state, rng = restored.state, jax.random.wrap_key_data(np.asarray(restored.meta['rng'], np.uint32))
         batches.set_state(restored.data, allow_order_change=bool(config.resume_allow_changes))
@@ -198,7 +223,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         writer.write(run.num_steps, final)
         writer.close()
         manager.close()
+        if lead:
+            mark_done(workdir, run.num_steps, final)
         return final
+    if lead and os.path.exists(os.path.join(workdir, DONE_FILE)):  # a finished run given more steps
+        os.remove(os.path.join(workdir, DONE_FILE))
 
     first = next_input()
     t0 = time.perf_counter()
@@ -288,4 +317,5 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         writer.close()
     if lead:
         metrics_lib.plot_curves(workdir)
+        mark_done(workdir, run.num_steps, final)
     return final
