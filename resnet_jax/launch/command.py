@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from absl import flags
 
 
@@ -39,3 +41,17 @@ def validate(config, num_devices: int | None = None) -> None:
         config_lib.validate(config, num_devices)
     except config_lib.ConfigError as e:
         raise LaunchError(str(e)) from None
+
+
+def run_cli(main, errors) -> None:
+    """absl's app.run(main), where an error the user can fix (one of `errors`) ends the command with
+    'error: <message>' and exit code 1 instead of a traceback."""
+    from absl import app
+
+    def run(argv):
+        try:
+            sys.exit(main(argv))
+        except errors as e:
+            sys.exit(f'error: {e}')
+
+    app.run(run)

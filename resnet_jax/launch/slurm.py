@@ -31,7 +31,7 @@ import tomllib
 
 from absl import flags
 
-from resnet_jax.launch.command import LaunchError, config_args, define_training_flags, validate
+from resnet_jax.launch.command import LaunchError, config_args, define_training_flags, run_cli, validate
 from resnet_jax.train.loop import PREEMPTED_EXIT_CODE
 
 # Every resource a profile may set; each is also the flag --slurm_<key>, which wins over the profile.
@@ -349,14 +349,5 @@ def _define_job_flags() -> None:
 
 
 if __name__ == '__main__':
-    from absl import app
-
     _define_job_flags()
-
-    def _run(argv):
-        try:
-            sys.exit(main(argv))
-        except LaunchError as e:
-            sys.exit(f'error: {e}')
-
-    app.run(_run)
+    run_cli(main, LaunchError)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from absl import flags
 
-from resnet_jax.launch.command import LaunchError, config_args, define_training_flags, validate
+from resnet_jax.launch.command import LaunchError, config_args, define_training_flags, run_cli, validate
 
 NAME = flags.DEFINE_string('tpu_name', None, 'the TPU VM (node) name')
 ZONE = flags.DEFINE_string('tpu_zone', None, 'its zone, e.g. us-central2-b')
@@ -156,14 +156,5 @@ def main(argv) -> int:
 
 
 if __name__ == '__main__':
-    from absl import app
-
     define_training_flags()
-
-    def _run(argv):
-        try:
-            sys.exit(main(argv))
-        except LaunchError as e:
-            sys.exit(f'error: {e}')
-
-    app.run(_run)
+    run_cli(main, LaunchError)
