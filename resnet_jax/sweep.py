@@ -430,12 +430,12 @@ def _launcher_from_argv(argv: list[str]) -> str:
 def cli() -> None:
     """`python -m resnet_jax.sweep`: the launcher's module is imported before absl parses the command
     line, so that its flags (--slurm_*, --tpu_*, --local_*) are known then."""
-    from resnet_jax.launch.command import run_cli
+    from resnet_jax.launch.command import LaunchError, run_cli
 
     _define_flags()
     if _launcher_from_argv(sys.argv) in LAUNCHERS:
         importlib.import_module(f'resnet_jax.launch.{_launcher_from_argv(sys.argv)}')
-    run_cli(main, SweepError)
+    run_cli(main, (SweepError, LaunchError))
 
 
 if __name__ == '__main__':  # run the imported module's cli, so launchers see the same RunSpec class

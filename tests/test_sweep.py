@@ -177,7 +177,7 @@ class ScriptRun(RunSpec):
 
 def launch_options(**kw):
     return Namespace(**{'local_parallel': 1, 'local_devices_per_run': 0, 'local_device_ids': None, 'dry_run': False,
-                        **kw})
+                        'local_memory_fraction': None, **kw})
 
 
 def test_local_launcher_exit_codes_pinning_and_busy_runs(tmp_path, capsys):
@@ -204,6 +204,23 @@ def test_local_launcher_exit_codes_pinning_and_busy_runs(tmp_path, capsys):
                                                 r'there are 4 \(0,1,2,3\)'):
         local.launch(runs, str(tmp_path), launch_options(local_parallel=3, local_devices_per_run=2,
                                                          local_device_ids=['0', '1', '2', '3']))
+
+
+def test_local_launcher_shares_a_gpu_by_memory_fraction(tmp_path, capsys):
+    """Several runs on one GPU each get their share of its memory, which the child sees; shares that add
+    up to more than the device are refused before anything starts."""
+    runs = [ScriptRun(f'r{i}', 'import os; print(os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"])',
+                      str(tmp_path / f'r{i}'), {}) for i in range(3)]
+    assert local.launch(runs, str(tmp_path), launch_options(local_parallel=3, local_memory_fraction=0.3)) == 0
+    assert all(Path(r.workdir, local.LOG_FILE).read_text().splitlines()[-1] == '0.3' for r in runs)
+    with pytest.raises(local.LaunchError, match=r'--local_memory_fraction=0.4: 3 run\(s\) share each device, so it '
+                                                r'must be in \(0, 0.333\]'):
+        local.launch(runs, str(tmp_path / 'x'), launch_options(local_parallel=3, local_memory_fraction=0.4))
+    # Pinned to their own GPUs, runs do not share: each may take up to all of its device.
+    pinned = launch_options(local_parallel=2, local_devices_per_run=1, local_device_ids=['0', '1'],
+                            local_memory_fraction=0.9, dry_run=True)
+    assert local.launch(runs, str(tmp_path), pinned) == 0
+    assert 'CUDA_VISIBLE_DEVICES=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 ' in capsys.readouterr().out
 
 
 def test_local_launcher_passes_sigterm_on(tmp_path, capsys):

@@ -6,7 +6,8 @@
 Each run is `python -m resnet_jax.train ...` in its own workdir, its output appended to
 `<workdir>/train.log` (which a run holds locked, so a second launcher on the same sweep skips
 it). With `--local_devices_per_run=k`, the i-th of the parallel slots sees GPUs
-`ids[i*k:(i+1)*k]` through CUDA_VISIBLE_DEVICES. SIGINT or SIGTERM to the launcher is passed
+`ids[i*k:(i+1)*k]` through CUDA_VISIBLE_DEVICES; without it, every run sees every device, and
+`--local_memory_fraction` lets several small runs share one GPU. SIGINT or SIGTERM to the launcher is passed
 on as SIGTERM to every running run, which saves a checkpoint and exits 75 (pre-empted); such
 runs count as unfinished, not failed, and are resumed by launching the sweep again. The exit
 code is 1 if a run failed, else 75 if a run was pre-empted, else 0.
@@ -28,6 +29,7 @@ import threading
 
 from absl import flags
 
+from resnet_jax.launch.command import LaunchError
 from resnet_jax.train.loop import PREEMPTED_EXIT_CODE
 
 LOG_FILE = 'train.log'
@@ -37,10 +39,9 @@ flags.DEFINE_integer('local_parallel', 1, 'runs at a time; 0: as many as the dev
                      '--local_devices_per_run (else 1)')
 flags.DEFINE_integer('local_devices_per_run', 0, 'GPUs each run sees (CUDA_VISIBLE_DEVICES); 0: every run sees all')
 flags.DEFINE_list('local_device_ids', None, 'GPU ids to share out (default: $CUDA_VISIBLE_DEVICES, else nvidia-smi)')
-
-
-class LaunchError(ValueError):
-    """Launcher options that cannot work; the message names the flag."""
+flags.DEFINE_float('local_memory_fraction', None, 'share of device memory each run takes '
+                   '(XLA_PYTHON_CLIENT_MEM_FRACTION), so that several small runs fit on one GPU: e.g. 0.2 with '
+                   '--local_parallel=4; default: JAX preallocates 75%, which leaves room for one run per GPU')
 
 
 def device_groups(parallel: int, per_run: int, ids: list[str] | None) -> list[dict]:
@@ -58,6 +59,18 @@ def device_groups(parallel: int, per_run: int, ids: list[str] | None) -> list[di
         raise LaunchError(f'--local_parallel={parallel} x --local_devices_per_run={per_run} needs '
                           f'{max(parallel, 1) * per_run} devices; there are {len(ids)} ({",".join(ids)})')
     return [{'CUDA_VISIBLE_DEVICES': ','.join(ids[i * per_run:(i + 1) * per_run])} for i in range(parallel)]
+
+
+def with_memory_fraction(groups: list[dict], fraction: float | None, shared: bool) -> list[dict]:
+    """`groups` with XLA_PYTHON_CLIENT_MEM_FRACTION set; refused where the runs that share a device
+    (all of them, when `shared`) would ask for more than the whole of its memory."""
+    if fraction is None:
+        return groups
+    sharing = len(groups) if shared else 1
+    if not 0 < fraction * sharing <= 1:
+        raise LaunchError(f'--local_memory_fraction={fraction}: {sharing} run(s) share each device, so it must be '
+                          f'in (0, {1 / sharing:.3g}]')
+    return [dict(group, XLA_PYTHON_CLIENT_MEM_FRACTION=str(fraction)) for group in groups]
 
 
 def _visible_gpus() -> list[str]:
@@ -124,6 +137,7 @@ class _Runner:
 def launch(runs, sweep_dir: str, options) -> int:
     """Run `runs` here; print one line per run as it ends and a summary; return the exit code."""
     groups = device_groups(options.local_parallel, options.local_devices_per_run, options.local_device_ids)
+    groups = with_memory_fraction(groups, options.local_memory_fraction, shared=not options.local_devices_per_run)
     if options.dry_run:
         for i, run in enumerate(runs):
             pinned = ''.join(f'{k}={v} ' for k, v in groups[i % len(groups)].items())
