@@ -4,6 +4,8 @@
     python -m resnet_jax.train --config=experiments/cifar10.py:resnet56 --workdir=runs/resnet56 \
         --config.data.dataset=folder:/tmp/cifar10
     python -m resnet_jax.sweep --config=experiments/cifar10.py --sweep_dir=runs/table6 --launcher=local
+    python -m resnet_jax.sweep --config=experiments/cifar10.py --sweep_dir=runs/table6_gpu --only='20|56' \
+        --local_parallel=4 --local_memory_fraction=0.2 --config.data.feed=device   # 4 runs on one GPU
     python -m resnet_jax.sweep --config=experiments/cifar10.py:seeds=5 --sweep_dir=runs/table6x5 --launcher=local
     python -m resnet_jax.results runs/table6 --metric=eval/top1,train/top1
 

@@ -14,8 +14,8 @@ definition in `sweep.json`:
 
     python -m resnet_jax.sweep --config=experiments/cifar10.py --sweep_dir=runs/table6 --launcher=local
 
-expands the sweep, builds and validates every run's config exactly as `resnet_jax.train`
-will (so a bad override fails before anything starts), refuses a sweep directory that holds
+expands the sweep (plus any `--config.<key>=<value>` given to the command, for every run),
+builds and validates every run's config exactly as `resnet_jax.train` will (so a bad override fails before anything starts), refuses a sweep directory that holds
 a different sweep, skips finished runs and hands the rest to `resnet_jax.launch.<launcher>`.
 An unfinished run is resumed by running the same command in the same workdir.
 """
@@ -176,11 +176,12 @@ class RunSpec:
     config: str      # the config spec, e.g. '/abs/experiments/cifar10.py:resnet20'
     workdir: str     # absolute: <sweep_dir>/<name>
     overrides: dict  # {'model.skip': 'none', 'seed': 1, ...}, passed as --config.<key>=<value>
+    common: tuple[str, ...] = ()  # '--config.<key>=<text>' given to the sweep command, the same for every run
 
     def train_args(self) -> list[str]:
         """['-m', 'resnet_jax.train', '--config=...', '--workdir=...', '--config.k=v', ...] (no interpreter)."""
         return ['-m', 'resnet_jax.train', f'--config={self.config}', f'--workdir={self.workdir}',
-                *(f'--config.{key}={_flag_value(value)}' for key, value in self.overrides.items())]
+                *(f'--config.{key}={_flag_value(value)}' for key, value in self.overrides.items()), *self.common]
 
     def command(self, python: str = sys.executable) -> str:
         return shlex.join([python, *self.train_args()])
@@ -251,8 +252,9 @@ def run_names(entries: list[dict]) -> list[str]:
     return names
 
 
-def expand(spec: str, sweep_dir: str) -> tuple[dict, list[RunSpec]]:
-    """(definition, runs) of the sweep that the experiment file 'path.py[:arg]' defines."""
+def expand(spec: str, sweep_dir: str, common: tuple[str, ...] = ()) -> tuple[dict, list[RunSpec]]:
+    """(definition, runs) of the sweep that the experiment file 'path.py[:arg]' defines; `common` are
+    '--config.<key>=<text>' arguments added to every run's command (a key the sweep sets is refused)."""
     path, _, arg = spec.partition(':')
     path = os.path.abspath(path)
     if not os.path.isfile(path):
@@ -269,11 +271,22 @@ def expand(spec: str, sweep_dir: str) -> tuple[dict, list[RunSpec]]:
         if bad:
             raise SweepError(f'{path}: run {entry}: {bad[0]!r} needs a value (a number, string, bool or tuple; '
                              'leave the key out to keep the default)')
+    common = tuple(common)
+    for flag in common:
+        key = flag[len('--config.'):].partition('=')[0]
+        if not flag.startswith('--config.') or '=' not in flag:
+            raise SweepError(f'{flag!r}: a setting for every run is written --config.<key>=<value>')
+        setters = [e for e in entries if key in e]
+        if setters:
+            raise SweepError(f'{flag} sets {key!r}, which the sweep itself sets (e.g. in run {setters[0]}); '
+                             'change it in get_sweep instead')
     sweep_dir = os.path.abspath(sweep_dir)
     runs = [RunSpec(name, f'{path}:{entry[ARG]}' if ARG in entry else path, os.path.join(sweep_dir, name),
-                    {k: v for k, v in entry.items() if k != ARG})
+                    {k: v for k, v in entry.items() if k != ARG}, common)
             for name, entry in zip(run_names(entries), entries)]
     definition = {'config': f'{path}:{arg}' if arg else path, 'entries': json.loads(canonical(entries))}
+    if common:  # part of what the runs compute: a re-launch with other settings is another sweep
+        definition['common'] = list(common)
     return definition, runs
 
 
@@ -346,6 +359,8 @@ def record(sweep_dir: str, definition: dict, runs: list[RunSpec], write: bool = 
         if old != definition:
             if old['config'] != definition['config']:
                 what = f"it was made from {old['config']}, this one from {definition['config']}"
+            elif old.get('common') != definition.get('common'):
+                what = f"its runs all had {old.get('common', [])}, these {definition.get('common', [])}"
             else:
                 old_names, new_names = set(run_names(old['entries'])), {r.name for r in runs}
                 what = (f'runs only there: {sorted(old_names - new_names)}; runs only here: '
@@ -370,7 +385,8 @@ def load(sweep_dir: str) -> tuple[dict, list[RunSpec]]:
                                 'python -m resnet_jax.sweep?')
     with open(path) as f:
         content = json.load(f)
-    runs = [RunSpec(r['name'], r['config'], r['workdir'], r['overrides']) for r in content['runs']]
+    runs = [RunSpec(r['name'], r['config'], r['workdir'], r['overrides'], tuple(r.get('common', ())))
+            for r in content['runs']]
     return content['definition'], runs
 
 
@@ -386,20 +402,21 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(['config', 'sweep_dir'])
 
 
-def main(argv) -> int:
+def main(argv, common: tuple[str, ...] = ()) -> int:
     if len(argv) > 1:
         raise SystemExit(f'unexpected arguments: {argv[1:]}')
-    return run_sweep(flags.FLAGS)
+    return run_sweep(flags.FLAGS, common)
 
 
-def run_sweep(options) -> int:
+def run_sweep(options, common: tuple[str, ...] = ()) -> int:
     """The command: expand, validate, record, skip finished runs and launch the rest; the exit code.
-    `options` has the flags of _define_flags and of the launcher's module (absl FLAGS or a Namespace)."""
+    `options` has the flags of _define_flags and of the launcher's module (absl FLAGS or a Namespace);
+    `common` the '--config.<key>=<value>' arguments that every run gets."""
     try:
         only = re.compile(options.only) if options.only else None
     except re.error as e:
         raise SweepError(f'--only={options.only!r} is not a regular expression: {e}') from None
-    definition, runs = expand(options.config, options.sweep_dir)
+    definition, runs = expand(options.config, options.sweep_dir, common)
     selected = [run for run in runs if only is None or only.search(run.name)]
     if not selected:
         raise SweepError(f'--only={options.only!r} matches none of the runs: {", ".join(r.name for r in runs)}')
@@ -435,7 +452,10 @@ def cli() -> None:
     _define_flags()
     if _launcher_from_argv(sys.argv) in LAUNCHERS:
         importlib.import_module(f'resnet_jax.launch.{_launcher_from_argv(sys.argv)}')
-    run_cli(main, (SweepError, LaunchError))
+    # --config.<key>=<value> (not flags of this command): settings for every run, passed on verbatim.
+    common = tuple(a for a in sys.argv[1:] if a.startswith('--config.'))
+    sys.argv = [a for a in sys.argv if not a.startswith('--config.')]
+    run_cli(lambda argv: main(argv, common), (SweepError, LaunchError))
 
 
 if __name__ == '__main__':  # run the imported module's cli, so launchers see the same RunSpec class

@@ -69,7 +69,8 @@ def test_experiment_file(path):
         if args[2] == 'resnet_jax.train':
             check(parse_train_command(args[3:]), f'{path.name}: {shlex.join(args)}')
         else:
-            _, runs = sweep.expand(str(ROOT / spec), '/tmp/unused')
+            common = tuple(a for a in args if a.startswith('--config.'))
+            _, runs = sweep.expand(str(ROOT / spec), '/tmp/unused', common)
             for run, config in zip(runs, sweep.validate_runs(runs, check_data=False)):
                 check(config, f'{path.name}: sweep {spec}, run {run.name}')
     if hasattr(module, 'get_sweep'):

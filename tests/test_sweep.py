@@ -122,6 +122,29 @@ def test_train_args_survive_the_command_line(tmp_path):
     assert config.optim.warmup_steps == 400  # get_config('resnet110') ran
 
 
+def test_settings_for_every_run_from_the_sweep_command(tmp_path):
+    """`python -m resnet_jax.sweep ... --config.<key>=<value>` reaches every run's command and config, is part
+    of the recorded definition (a re-launch with other settings is refused) and may not set a swept key."""
+    spec, sweep_dir = write_experiment(tmp_path), str(tmp_path / 'sw')
+    common = ('--config.data.feed=device', '--config.optim.weight_decay=0.0005')
+    result = run_module(['-m', 'resnet_jax.sweep', f'--config={spec}', f'--sweep_dir={sweep_dir}', '--dry_run', *common])
+    assert result.returncode == 0, result.stderr[-3000:]
+    commands = [line for line in result.stdout.splitlines() if ' -m resnet_jax.train ' in line]
+    assert len(commands) == 3 and all(line.split(' >> ')[0].endswith(' '.join(common)) for line in commands)
+    definition, runs = sweep.expand(spec, sweep_dir, common)
+    assert definition['common'] == list(common) and [r.name for r in runs] == ['resnet20,seed=0', 'resnet20,seed=1',
+                                                                               'plain20,lr=0.05']
+    for run, config in zip(runs, sweep.validate_runs(runs)):
+        assert config.data.feed == 'device' and config.optim.weight_decay == 0.0005
+    assert sweep.resolve(runs[2]).optim.lr == 0.05
+    sweep.record(sweep_dir, definition, runs)
+    assert sweep.load(sweep_dir) == (definition, runs)
+    with pytest.raises(SweepError, match=r"its runs all had \['--config.data.feed=device', .*\], these \[\]"):
+        sweep.record(sweep_dir, *sweep.expand(spec, sweep_dir))
+    with pytest.raises(SweepError, match=r"--config.optim.lr=0.1 sets 'optim.lr', which the sweep itself sets"):
+        sweep.expand(spec, sweep_dir, ('--config.optim.lr=0.1',))
+
+
 @pytest.mark.parametrize('override, message', [
     ({'optim.lr': 'fast'}, r"run bad: .*optim.lr.*fast"),
     ({'model.skp': 'none'}, r'run bad: .*skp.*Did you mean "skip"'),
