@@ -1,5 +1,6 @@
-"""What the single-training commands of the SLURM and TPU-VM launchers share: their training flags
-(`--config` with `--config.*` overrides, `--workdir`, `--dry_run`) and how they pass them on."""
+"""What the launch commands share: `LaunchError` and `run_cli` (an error a user can fix printed as one
+line) for the sweep and every launcher, and the single-training flags of the SLURM and TPU-VM
+launchers (`--config` with `--config.*` overrides, `--workdir`, `--dry_run`) and how they pass them on."""
 
 from __future__ import annotations
 
