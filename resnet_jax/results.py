@@ -18,7 +18,6 @@ import io
 import math
 import os
 import re
-import sys
 
 import numpy as np
 
@@ -196,20 +195,19 @@ def report(sweep_dir: str, metrics: list[str], dashed: str = DEFAULT_DASHED) -> 
 def cli() -> None:
     from absl import app, flags
 
+    from resnet_jax.launch.command import run_cli
+
     flags.DEFINE_list('metric', ['eval/top1'], 'metrics.jsonl keys to tabulate (accuracies shown as error %)')
     flags.DEFINE_string('dashed', DEFAULT_DASHED, 'configurations whose label matches this regex are dashed in '
                         'curves.png (empty: none)')
 
-    def run(argv):
+    def main(argv):
         if len(argv) != 2:
             raise app.UsageError('usage: python -m resnet_jax.results <sweep_dir> [--metric=...] [--dashed=...]')
-        try:
-            re.compile(flags.FLAGS.dashed)
-            print(report(argv[1], flags.FLAGS.metric, flags.FLAGS.dashed), end='')
-        except (FileNotFoundError, ValueError, re.error) as e:
-            sys.exit(f'error: {e}')
+        re.compile(flags.FLAGS.dashed)
+        print(report(argv[1], flags.FLAGS.metric, flags.FLAGS.dashed), end='')
 
-    app.run(run)
+    run_cli(main, (FileNotFoundError, ValueError, re.error))
 
 
 if __name__ == '__main__':
