@@ -24,28 +24,18 @@ from resnet_jax.train import config as config_lib
 
 ROOT = Path(__file__).parents[1]
 TINY_EXPERIMENT = f'''
+import sys
+
 from resnet_jax.sweep import product, seeds
-from resnet_jax.train.config import from_file
+
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+from helpers import tiny_config
 
 
 def get_config(arg='resnet20'):
-    c = from_file({str(ROOT / 'experiments' / 'quickstart.py')!r})
-    c.model.name = arg
-    c.model.stage_sizes = (1, 1, 1)
-    c.model.widths = (8, 16, 32)
-    c.model.stem_width = 8
-    c.data.image_size = 8
-    c.data.num_train = 256
-    c.data.num_eval = 100
-    c.batch_size = 16
-    c.eval_batch_size = 20
-    c.num_steps = 8
-    c.optim.warmup_steps = 2
-    c.log_every_steps = 2
-    c.eval_every_steps = 4
-    c.checkpoint_every_steps = 4
-    c.progress_seconds = 0.0
-    return c
+    return tiny_config(**{{'model.name': arg, 'data.num_train': 256, 'data.num_eval': 100, 'batch_size': 16,
+                          'eval_batch_size': 20, 'log_every_steps': 2, 'eval_every_steps': 4,
+                          'checkpoint_every_steps': 4}})
 
 
 def get_sweep(arg=''):
