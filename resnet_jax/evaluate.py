@@ -11,7 +11,8 @@ import os
 import jax
 from absl import app, flags
 
-from resnet_jax import checkpoint, distributed
+from resnet_jax import checkpoint, distributed, labels
+from resnet_jax.data import sources
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train.loop import Run
@@ -24,6 +25,7 @@ def restore_workdir(workdir: str, step: int | None = None, run: Run | None = Non
     if not os.path.exists(os.path.join(workdir, 'config.json')):
         raise FileNotFoundError(f'{workdir} has no config.json: is it a resnet_jax.train workdir?')
     run = Run(config_lib.load_resolved(workdir)) if run is None else run
+    labels.check(workdir, sources.class_names(run.config))  # the classes the model was trained on
     manager = checkpoint.Manager(os.path.join(workdir, 'checkpoints'), run.config, read_only=True)
     restored = manager.restore(run.abstract_state, step)
     manager.close()

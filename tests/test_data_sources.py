@@ -46,8 +46,8 @@ def corrupt_copy(tmp_path):
 def test_a_corrupt_file_is_named_or_skipped_and_counted(corrupt_copy):
     root, bad = corrupt_copy
     with pytest.raises(augment.CorruptImageError, match=str(bad)):
-        sources.load(folder_config(root), 'test')
-    ds = sources.load(folder_config(root, **{'data.on_corrupt': 'skip'}), 'test')
+        sources.load(folder_config(root, **{'data.train_split': 'test'}), 'test')
+    ds = sources.load(folder_config(root, **{'data.on_corrupt': 'skip', 'data.train_split': 'test'}), 'test')
     assert len(ds) == 9_999 and ds.skipped == 1
     assert np.bincount(ds.labels)[CIFAR10_CLASSES.index('dog')] == 999
 
@@ -66,6 +66,50 @@ def test_the_stream_replaces_a_corrupt_record_and_counts_it(corrupt_copy):
     for _ in range(20):
         next(batches)
     assert batches.skipped == 1 and batches.get_state()['skipped'] == 1
+
+
+def image_folder(root, splits):
+    """root/<split>/<class>/<i>.png, 8x8 random images; `splits` maps split -> {class: number of
+    images}; a class with None images is an empty folder."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, classes in splits.items():
+        for name, count in classes.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count or 0):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(root / split / name / f'{i}.png')
+    return root
+
+
+def test_the_training_split_defines_the_classes_and_hidden_entries_are_ignored(tmp_path):
+    """A test split lacking a class, a hidden folder or file in train/: labels are matched by name."""
+    root = image_folder(tmp_path, {'train': {'cat': 2, 'dog': 3, 'emu': 1, '.ipynb_checkpoints': 1},
+                                   'test': {'dog': 2, 'emu': 1}})
+    (root / 'train' / 'cat' / '.DS_Store').write_bytes(b'not an image')
+    (root / 'train' / 'dog' / '.hidden.png').write_bytes(b'not an image')
+    config = folder_config(root, **{'data.image_size': 8})
+    train, test = sources.load(config, 'train'), sources.load(config, 'test')
+    assert train.num_classes == test.num_classes == 3 and len(train) == 6
+    np.testing.assert_array_equal(train.labels, [0, 0, 1, 1, 1, 2])
+    np.testing.assert_array_equal(test.labels, [1, 1, 2])  # dog and emu keep their training labels
+    assert sources.class_names(config) == ('cat', 'dog', 'emu')
+    config.data.feed = 'stream'
+    stream = pipeline.open_split(config, 'test')
+    assert stream.classes == ('cat', 'dog', 'emu') and [stream[i][1] for i in range(len(stream))] == [1, 1, 2]
+
+
+@pytest.mark.parametrize('splits,message', [
+    ({'train': {'cat': 1, 'dog': 1}, 'test': {'cat': 1, 'cow': 1}},
+     r"class folder 'cow' of .*/test is not a class of the training split .*/train \(2 classes: cat, dog\)"),
+    ({'train': {'cat': 1, 'dog': None}, 'test': {'cat': 1}}, r"class folder '.*/train/dog' holds no images"),
+    ({'train': {'cat': 2, '.git': 1}, 'test': {'cat': 1}}, r"has 1 class folder\(s\) \['cat'\]; .* at least 2"),
+])
+def test_datasets_that_would_mislabel_are_errors(tmp_path, splits, message):
+    config = folder_config(image_folder(tmp_path, splits), **{'data.image_size': 8})
+    with pytest.raises(sources.DatasetError, match=message):
+        for split in ('train', 'test'):
+            sources.load(config, split)
 
 
 def test_tfds_mock_data_through_both_readers():
@@ -112,3 +156,24 @@ def test_a_tfds_dataset_that_is_not_prepared_says_how_to_prepare_it(tmp_path):
 def test_bad_data_fields_fail_before_any_work(overrides, message):
     with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace('[', r'\[')):
         validate(tiny_config(**overrides), num_devices=1)
+
+
+def test_the_label_map_is_recorded_and_checked_on_resume_and_evaluate(tmp_path):
+    """labels.json holds the training classes; a class folder added later stops resume and evaluate."""
+    import json
+
+    from resnet_jax import evaluate, labels
+    from resnet_jax.train.loop import train_and_evaluate
+
+    root = image_folder(tmp_path / 'data', {'train': {'cat': 4, 'dog': 4}, 'test': {'dog': 2}})
+    config = folder_config(root, **{'data.image_size': 8, 'batch_size': 8, 'eval_batch_size': 8, 'num_steps': 2,
+                                    'optim.warmup_steps': 0, 'log_every_steps': 1, 'eval_every_steps': 2,
+                                    'checkpoint_every_steps': 2})
+    workdir = str(tmp_path / 'run')
+    train_and_evaluate(config, workdir)
+    assert json.loads((tmp_path / 'run' / 'labels.json').read_text()) == {'classes': ['cat', 'dog']}
+    image_folder(root, {'train': {'ant': 1}})  # sorts first: every label would shift by one
+    config.num_steps = 4
+    for attempt in (lambda: train_and_evaluate(config, workdir), lambda: evaluate.evaluate_workdir(workdir)):
+        with pytest.raises(labels.LabelMapError, match="label 0 was 'cat', now 'ant' \\(2 classes then, 3 now\\)"):
+            attempt()

@@ -57,9 +57,16 @@ def generated(config, split: str) -> ArrayDataset:
         images, labels = shapes.splits(d.image_size, d.num_train, d.num_eval, seed=0)['train' if is_train else 'test']
         return ArrayDataset(images, labels, len(shapes.CLASSES))
     rng = np.random.default_rng(0 if is_train else 1)  # 'synthetic': as many classes as the model has
-    n, classes = (d.num_train if is_train else d.num_eval), config.model.num_classes or 10
+    n, classes = (d.num_train if is_train else d.num_eval), generated_classes(config)
     images = rng.integers(0, 256, (n, d.image_size, d.image_size, 3), dtype=np.uint8)
     return ArrayDataset(images, rng.integers(0, classes, n).astype(np.int32), classes)
+
+
+def generated_classes(config) -> int:
+    """The number of classes of the generated dataset of `config`."""
+    if config.data.dataset == 'shapes':
+        return len(shapes.CLASSES)
+    return config.model.num_classes or 10
 
 
 def _local_slice(global_batch: int, process_index: int, process_count: int) -> slice:

@@ -16,12 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_jax.cli import UserError
+
 CIFAR_PAD = 4
 
 
 # ---- host, one example at a time -----------------------------------------------------------
 
-class CorruptImageError(ValueError):
+class CorruptImageError(UserError, ValueError):
     """An image file or record that cannot be decoded; the message names it."""
 
 

@@ -5,11 +5,13 @@ and `name(i)` for error messages. `open_source(config, split)` picks one from
 `config.data.dataset`:
 
     shapes, synthetic          generated in memory (`arrays.ArrayDataset`)
-    folder:<root>              <root>/<split>/<class>/<file>, classes sorted by name
+    folder:<root>              <root>/<split>/<class>/<file>; the training split's class
+                               folders, sorted by name, are the classes of every split
     tfds:<name>[:<version>]    a TFDS dataset prepared as ArrayRecord, read through
                                `tfds.data_source` without TensorFlow
 
-`load(config, split)` decodes a whole source into an `ArrayDataset` for the in-memory feeds.
+`load(config, split)` decodes a whole source into an `ArrayDataset` for the in-memory feeds, and
+`class_names(config)` is the label map (class names in label order) that training records.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from concurrent import futures
 
 import numpy as np
 
-from resnet_jax.data import arrays, augment
+from resnet_jax.cli import UserError
+from resnet_jax.data import arrays, augment, shapes
 from resnet_jax.models.design import close_matches
 
 DATASETS = ('shapes', 'synthetic', 'folder:<path>', 'tfds:<name>[:<version>]')
@@ -37,6 +40,22 @@ def check_dataset_name(dataset: str) -> None:
     raise ValueError(f'{dataset!r} is not supported; choose one of: {", ".join(DATASETS)}')
 
 
+class DatasetError(UserError, ValueError):
+    """A dataset that cannot be read as labelled data; the message names the folder or split."""
+
+
+def visible(names) -> list[str]:
+    """`names` without hidden entries ('.DS_Store', '.ipynb_checkpoints', ...), sorted."""
+    return sorted(n for n in names if not n.startswith('.'))
+
+
+def folder_classes(root: str) -> tuple[str, ...]:
+    """The class names of an image-folder split: its sub-folders sorted by name, hidden ones ignored."""
+    if not os.path.isdir(root):
+        raise DatasetError(f'image folder {root!r} does not exist (expected <root>/<split>/<class>/<file>)')
+    return tuple(c for c in visible(os.listdir(root)) if os.path.isdir(os.path.join(root, c)))
+
+
 @dataclasses.dataclass(frozen=True)
 class FolderSource:
     """Image files under root/<class>/; records are (path, label), decoded by the reader."""
@@ -46,18 +65,36 @@ class FolderSource:
     classes: tuple[str, ...]
 
     @classmethod
-    def scan(cls, root: str) -> FolderSource:
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f'image folder {root!r} does not exist (expected <root>/<split>/<class>/<file>)')
-        classes = tuple(sorted(c for c in os.listdir(root) if os.path.isdir(os.path.join(root, c))))
-        paths, labels = [], []
-        for label, name in enumerate(classes):
-            files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_SUFFIXES))
+    def scan(cls, root: str, train_root: str | None = None) -> FolderSource:
+        """The images of split `root`, labelled by the class list of `train_root` (default: `root`
+        itself, the training split), matched by folder name. A class folder the training split
+        lacks, an empty class folder or a training split of fewer than two classes is an error."""
+        found = folder_classes(root)
+        if train_root is None or os.path.normpath(train_root) == os.path.normpath(root):
+            classes = found
+            if len(classes) < 2:
+                raise DatasetError(f'image folder {root!r} has {len(classes)} class folder(s) '
+                                   f'{list(classes)}; a classification dataset needs at least 2 '
+                                   '(expected <root>/<split>/<class>/<file>)')
+        else:
+            classes = folder_classes(train_root)
+            extra = [c for c in found if c not in classes]
+            if extra:
+                raise DatasetError(f'class folder {extra[0]!r} of {root} is not a class of the training split '
+                                   f'{train_root} ({len(classes)} classes: {", ".join(classes[:10])}'
+                                   f'{", ..." if len(classes) > 10 else ""}); an evaluation split may only hold '
+                                   'classes the model is trained on')
+        paths, labels, label_of = [], [], {name: label for label, name in enumerate(classes)}
+        for name in found:
+            files = [f for f in visible(os.listdir(os.path.join(root, name))) if f.lower().endswith(IMAGE_SUFFIXES)]
+            if not files:
+                raise DatasetError(f'class folder {os.path.join(root, name)!r} holds no images '
+                                   f'({", ".join(IMAGE_SUFFIXES)}); remove it or fill it')
             paths += [os.path.join(root, name, f) for f in files]
-            labels += [label] * len(files)
+            labels += [label_of[name]] * len(files)
         if not paths:
-            raise ValueError(f'image folder {root!r} holds no images ({", ".join(IMAGE_SUFFIXES)}) '
-                             'in class sub-folders')
+            raise DatasetError(f'image folder {root!r} holds no images ({", ".join(IMAGE_SUFFIXES)}) '
+                               'in class sub-folders')
         return cls(root, tuple(paths), np.asarray(labels, np.int32), classes)
 
     @property
@@ -74,7 +111,7 @@ class FolderSource:
         return self.paths[i]
 
 
-class DatasetNotPreparedError(FileNotFoundError):
+class DatasetNotPreparedError(UserError, FileNotFoundError):
     """A TFDS dataset that is not on disk; the message says how to prepare it."""
 
 
@@ -90,20 +127,20 @@ class TfdsSource:
         registered = tfds.list_builders(with_community_datasets=False)
         prepared_dir = os.path.join(_data_dir(data_dir), self.dataset_name)
         if self.dataset_name not in registered and not os.path.isdir(prepared_dir):
-            raise ValueError(f'config.data.dataset=tfds:{spec}: TFDS has no dataset {self.dataset_name!r} and '
+            raise DatasetError(f'config.data.dataset=tfds:{spec}: TFDS has no dataset {self.dataset_name!r} and '
                              f'none is prepared in {_data_dir(data_dir)}.{close_matches(self.dataset_name, registered)}')
         try:
             builder = tfds.builder(name, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError:  # a version or config that is not there
             versions = sorted(os.listdir(prepared_dir)) if os.path.isdir(prepared_dir) else []
-            raise ValueError(f'config.data.dataset=tfds:{spec}: not found; {prepared_dir} holds '
+            raise DatasetError(f'config.data.dataset=tfds:{spec}: not found; {prepared_dir} holds '
                              f'{", ".join(versions) or "nothing"}') from None
         self.image_key, self.label_key = builder.info.supervised_keys or ('image', 'label')
         try:
             self._records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:
             if builder.is_prepared():
-                raise ValueError(f'TFDS {name} in {builder.data_dir} is prepared as '
+                raise DatasetError(f'TFDS {name} in {builder.data_dir} is prepared as '
                                  f'{builder.info.file_format.value}, which has no random access; prepare it '
                                  f'again with: tfds build {self.dataset_name} --data_dir={_data_dir(data_dir)} '
                                  '--file_format=array_record') from e
@@ -112,7 +149,13 @@ class TfdsSource:
                 f'training. Prepare it once (on a machine with internet access, or with the manual download in '
                 f'place for datasets such as imagenet2012): tfds build {self.dataset_name} '
                 f'--data_dir={_data_dir(data_dir)} --file_format=array_record') from e
-        self.num_classes = self._records.dataset_info.features[self.label_key].num_classes
+        # One ClassLabel feature for every split: the label map cannot differ between splits.
+        label = self._records.dataset_info.features[self.label_key]
+        self.num_classes = label.num_classes
+        self.classes = tuple(label.names)
+        if self.num_classes < 2:
+            raise DatasetError(f'tfds:{spec}: its label {self.label_key!r} has {self.num_classes} class(es); a '
+                               'classification dataset needs at least 2')
 
     def __len__(self) -> int:
         return len(self._records)
@@ -159,7 +202,8 @@ def open_source(config, split: str):
     if d.dataset in ('shapes', 'synthetic'):
         source = arrays.generated(config, split)
     elif d.dataset.startswith('folder:'):
-        source = FolderSource.scan(os.path.join(d.dataset[len('folder:'):], split))
+        root = d.dataset[len('folder:'):]
+        source = FolderSource.scan(os.path.join(root, split), os.path.join(root, d.train_split))
     else:
         source = TfdsSource(d.dataset[len('tfds:'):], split, d.tfds_data_dir)
     if split == d.train_split and 0 < d.train_subset < len(source):
@@ -167,6 +211,19 @@ def open_source(config, split: str):
         indices = np.sort(np.random.default_rng([d.train_subset, 0x5b5e7]).permutation(len(source))[:d.train_subset])
         source = Subset(source, indices)
     return source
+
+
+def class_names(config) -> tuple[str, ...]:
+    """The label map of `config.data.dataset`: class names in label order, as the training split
+    defines them (folder datasets: its class folders; TFDS: its label feature)."""
+    d = config.data
+    if d.dataset == 'shapes':
+        return tuple(shapes.CLASSES)
+    if d.dataset == 'synthetic':
+        return tuple(str(i) for i in range(arrays.generated_classes(config)))
+    if d.dataset.startswith('folder:'):
+        return folder_classes(os.path.join(d.dataset[len('folder:'):], d.train_split))
+    return open_source(config, d.train_split).classes
 
 
 def read(source, i: int, on_corrupt: str, size: int | None = None):

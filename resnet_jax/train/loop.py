@@ -19,8 +19,8 @@ import time
 import jax
 import numpy as np
 
-from resnet_jax import checkpoint
-from resnet_jax.data import pipeline
+from resnet_jax import checkpoint, labels
+from resnet_jax.data import pipeline, sources
 from resnet_jax.models import get_model
 from resnet_jax.models.summary import count_macs
 from resnet_jax.train import config as config_lib
@@ -195,6 +195,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if manager.steps() and os.path.exists(stored_config):  # before any data is loaded
         with open(stored_config) as f:
             config_lib.check_resume(json.load(f), config)
+    labels.check(workdir, sources.class_names(config), write=lead, new_run=not manager.steps())
     run = Run(config)
     restored = manager.restore(run.abstract_state)
     if lead:
