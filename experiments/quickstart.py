@@ -16,7 +16,7 @@ from resnet_jax.sweep import product, seeds
 from resnet_jax.train.config import base_config
 
 
-def get_config(arg=None):
+def get_config():
     c = base_config()
     c.model.name = 'resnet20'
     c.model.stage_sizes = (1, 1, 1)  # ResNet-8: small enough for a CPU

@@ -301,6 +301,7 @@ def resolve(run: RunSpec):
     config_flags.DEFINE_config_file('config', None, flag_values=values, sys_argv=argv)
     flags.DEFINE_string('workdir', None, '', flag_values=values)
     try:
+        config_lib.check_config_args(argv[1:])  # a missing get_config or a typo'd field, named plainly
         values(argv)
         config = values.config
         for key, value in run.overrides.items():

@@ -73,3 +73,58 @@ def test_resolved_config_round_trips_through_json(tmp_path):
     c = parse('--config.model.stage_sizes=(2,2,2)', '--config.mesh.param_rules=((".*kernel","fsdp"),)')
     config_lib.write_resolved(c, str(tmp_path))
     assert config_lib.load_resolved(str(tmp_path)).to_dict() == c.to_dict()
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (['--config.optim.lr=-0.1'], r'config.optim.lr: must be > 0, got -0.1'),
+    (['--config.optim.lr=0.0'], r'config.optim.lr: must be > 0, got 0.0'),
+    (['--config.optim.lr=nan'], r'config.optim.lr: must be a finite number, got nan'),
+    (['--config.optim.momentum=1.5'], r'config.optim.momentum: must be in \[0, 1\), got 1.5'),
+    (['--config.optim.weight_decay=-1e-4'], r'config.optim.weight_decay: must be >= 0, got -0.0001'),
+    (['--config.optim.label_smoothing=1.5'], r'config.optim.label_smoothing: must be in \[0, 1\), got 1.5'),
+    (['--config.optim.ema_decay=2.0'], r'config.optim.ema_decay: must be in \[0, 1\), got 2.0'),
+    (['--config.optim.decay_factor=0.0'], r'config.optim.decay_factor: must be > 0, got 0.0'),
+    (['--config.optim.grad_clip_norm=-1.0'], r'config.optim.grad_clip_norm: must be >= 0, got -1.0'),
+    (['--config.optim.warmup_steps=-5'], r'config.optim.warmup_steps: must be >= 0, got -5'),
+    (['--config.optim.boundaries=(400,200)'], r'config.optim.boundaries: must be strictly increasing, got \(400, 200\)'),
+    (['--config.num_steps=0'], r'config.num_steps: must be a positive integer, got 0'),
+    (['--config.seed=-1'], r'config.seed: must be in \[0, 2147483648\), got -1'),
+    (['--config.data.cutmix_alpha=-1.0'], r'config.data.cutmix_alpha: must be >= 0, got -1.0'),
+    (['--config.data.mean=(0.5,0.5,0.5)', '--config.data.std=(0.2,0.0,0.2)'],
+     r'config.data.std: must be > 0, got \(0.2, 0.0, 0.2\)'),
+    (['--config.model.num_classes=1'], r'config.model.num_classes: must be >= 2, got 1'),
+    (['--config.model.se_ratio=nan'], r'config.model.se_ratio: must be a finite number, got nan'),
+    (['--config.eval_every_steps=0'], r'config.eval_every_steps: must be a positive integer, got 0'),
+    (['--config.resume_allow_changes=("optim.lr","optim.wieght_decay")'],
+     r"config.resume_allow_changes: 'optim.wieght_decay' is not a config field. Did you mean: optim.weight_decay, "),
+])
+def test_values_outside_their_range_name_the_field_and_the_range(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(parse(*overrides), num_devices=1)
+
+
+def test_zero_epochs_is_refused():
+    c = parse('--config.num_epochs=0.0')
+    c.num_steps = None
+    with pytest.raises(ConfigError, match=r'config.num_epochs: must be > 0, got 0.0'):
+        validate(c, num_devices=1)
+
+
+def test_config_files_that_cannot_give_a_config_are_named(tmp_path):
+    (tmp_path / 'none.py').write_text('X = 1\n')
+    (tmp_path / 'needs.py').write_text('def get_config(arg):\n    raise ValueError(f"{arg!r}: use a or b")\n')
+    (tmp_path / 'broken.py').write_text('def get_config(:\n')
+    for spec, message in [
+        (f'{QUICKSTART}:resnet56', r"quickstart.py: get_config\(\) takes no argument, and .* gives it 'resnet56'"),
+        (f'{tmp_path}/none.py', r'none.py defines no get_config\(\)'),
+        (f'{tmp_path}/needs.py', r'needs.py: get_config\(arg\) needs an argument: --config=.*needs.py:<arg>'),
+        (f'{tmp_path}/needs.py:c', r"needs.py: get_config\('c'\) failed: 'c': use a or b"),
+        (f'{tmp_path}/broken.py', r'broken.py \(line 1\) fails to load: SyntaxError'),
+        (f'{tmp_path}/missing.py', r'config file .*missing.py does not exist'),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            config_lib.from_file(spec)
+    with pytest.raises(ConfigError, match=r"--config.optim.lrr: config.optim has no field 'lrr'. Did you mean: lr\?"):
+        config_lib.check_config_args([f'--config={QUICKSTART}', '--config.optim.lr=1', '--config.optim.lrr=1'])
+    with pytest.raises(ConfigError, match=r"--config.optimm.lr: the config has no field 'optimm'. Did you mean: optim\?"):
+        config_lib.check_config_args(['--config', QUICKSTART, '--config.optimm.lr=1'])

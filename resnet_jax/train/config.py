@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import json
+import math
 import os
 import re
 
 import ml_collections
 from ml_collections import config_dict
 
+from resnet_jax.cli import UserError
 from resnet_jax.data.sources import check_dataset_name
 from resnet_jax.models.design import BlockDesign, check_choice
 from resnet_jax.models.registry import PRESETS, close_matches, get_model
@@ -41,9 +44,27 @@ SAFE_TO_CHANGE = ('log_every_steps', 'progress_seconds', 'eval_every_steps', 'ev
                   'init_from', 'init_head')
 PARAM_RULES = ('replicate', 'fsdp')
 INIT_HEADS = ('keep', 'replace')
+# The allowed range of every numeric field that has one (for a tuple, of each element); the model's
+# design fields are checked by the model itself, and every float of the config must be finite.
+RANGES = {
+    'batch_size': '[1, inf)', 'eval_batch_size': '[1, inf)', 'num_steps': '[1, inf)', 'num_epochs': '(0, inf)',
+    'seed': '[0, 2147483648)', 'log_every_steps': '[1, inf)', 'progress_seconds': '[0, inf)',
+    'eval_every_steps': '[1, inf)', 'checkpoint_every_steps': '[1, inf)', 'keep_checkpoints': '[1, inf)',
+    'keep_best_checkpoints': '[0, inf)', 'peak_tflops_per_device': '(0, inf)',
+    'data.image_size': '[1, inf)', 'data.train_subset': '[0, inf)', 'data.eval_crop_fraction': '(0, 1]',
+    'data.mixup_alpha': '[0, inf)', 'data.cutmix_alpha': '[0, inf)', 'data.mean': '[0, 1]', 'data.std': '(0, inf)',
+    'data.workers': '[0, inf)', 'data.num_train': '[1, inf)', 'data.num_eval': '[1, inf)',
+    'optim.lr': '(0, inf)', 'optim.momentum': '[0, 1)', 'optim.b1': '[0, 1)', 'optim.b2': '[0, 1)',
+    'optim.eps': '(0, inf)', 'optim.lars_trust_coefficient': '(0, inf)', 'optim.weight_decay': '[0, inf)',
+    'optim.boundaries': '[1, inf)', 'optim.boundary_epochs': '(0, inf)', 'optim.decay_factor': '(0, inf)',
+    'optim.warmup_steps': '[0, inf)', 'optim.warmup_epochs': '[0, inf)', 'optim.warmup_factor': '[0, 1]',
+    'optim.label_smoothing': '[0, 1)', 'optim.grad_clip_norm': '[0, inf)', 'optim.ema_decay': '[0, 1)',
+    'mesh.fsdp_min_size': '[0, inf)', 'finetune.layer_lr_decay': '(0, 1]',
+    'model.num_classes': '[2, inf)',  # one class is no classification
+}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot run; the message names the field and what is allowed."""
 
 
@@ -148,18 +169,69 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def config_module(path: str):
-    """The experiment file at `path` as a module (its get_config, and get_sweep where it has one)."""
+    """The experiment file at `path` as a module (its get_config, and get_sweep where it has one);
+    a missing file or one that fails to run is a ConfigError naming it."""
+    if not os.path.isfile(path):
+        raise ConfigError(f'config file {path} does not exist' if not os.path.exists(path)
+                          else f'config file {path} is not a file')
     module_spec = importlib.util.spec_from_file_location(f'_config_{abs(hash(path))}', path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - whatever the file raises, the user must fix the file
+        where = f' (line {e.lineno})' if isinstance(e, SyntaxError) else ''
+        raise ConfigError(f'config file {path}{where} fails to load: {type(e).__name__}: {e}') from e
     return module
 
 
 def from_file(spec: str) -> ml_collections.ConfigDict:
-    """The config named by 'path/to/file.py[:arg]', loaded as --config=... loads it."""
-    path, _, arg = spec.partition(':')
+    """The config named by 'path/to/file.py[:arg]', loaded as --config=... loads it (get_config(arg)
+    when a ':' is given); a file without get_config, an argument it does not take, or a get_config
+    that refuses its argument is a ConfigError naming the file."""
+    path, colon, arg = spec.partition(':')
     module = config_module(path)
-    return module.get_config(arg) if arg else module.get_config()
+    get_config = getattr(module, 'get_config', None)
+    if not callable(get_config):
+        raise ConfigError(f'{path} defines no get_config(); an experiment file returns its config from '
+                          'get_config() or get_config(arg)')
+    params = list(inspect.signature(get_config).parameters.values())
+    if colon and not params:
+        raise ConfigError(f'{path}: get_config() takes no argument, and {spec!r} gives it {arg!r}; use --config={path}')
+    if not colon and params and params[0].default is inspect.Parameter.empty:
+        raise ConfigError(f'{path}: get_config({params[0].name}) needs an argument: --config={path}:<{params[0].name}>')
+    try:
+        config = get_config(arg) if colon else get_config()
+    except Exception as e:  # noqa: BLE001 - a refused argument, or a bug in the file: both named
+        what = f'get_config({arg!r})' if colon else 'get_config()'
+        raise ConfigError(f'{path}: {what} failed: {e}') from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f'{path}: get_config() returned {type(config).__name__}, not a ConfigDict')
+    return config
+
+
+def check_config_args(args: list[str], flag: str = 'config') -> None:
+    """Check the config file of `--<flag>=<spec>` in `args` and the fields its `--<flag>.<field>=<value>`
+    overrides name, so that a command line with a bad file or a typo'd field gets a one-line error."""
+    spec = next((a.partition('=')[2] for a in args if a.startswith(f'--{flag}=')), None)
+    if spec is None and f'--{flag}' in args[:-1]:
+        spec = args[args.index(f'--{flag}') + 1]
+    if not spec:
+        return  # absl reports a missing required flag
+    config = from_file(spec)
+    for arg in args:
+        if arg.startswith(f'--{flag}.'):
+            check_field(config, arg[len(f'--{flag}.'):].partition('=')[0], f'--{flag}.')
+
+
+def check_field(config, name: str, prefix: str = 'config.') -> None:
+    """Refuse a dotted field `name` that `config` does not have, suggesting the close ones."""
+    node, done = config, []
+    for part in name.split('.'):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = f'config.{".".join(done)}' if done else 'the config'
+            fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            raise ConfigError(f'{prefix}{name}: {where} has no field {part!r}.{close_matches(part, fields)}')
+        node, done = node[part], done + [part]
 
 
 def model_overrides(config) -> dict:
@@ -188,8 +260,44 @@ def schedule_steps(config, num_train: int) -> tuple[list[int], int]:
     return boundaries, round(o.warmup_steps or o.warmup_epochs * per_epoch)
 
 
+def _check_ranges(config) -> None:
+    """Every float finite, every field of RANGES inside its range, every name in
+    resume_allow_changes a field."""
+    flat = _flatten(config.to_dict())
+    for field, value in flat.items():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                _fail(field, f'must be a finite number, got {value!r}')
+    for field, interval in RANGES.items():
+        value = flat[field]
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if v is not None and not _in_range(v, interval):
+                _fail(field, f'must be {_describe(interval)}, got {value!r}')
+    for field in ('optim.boundaries', 'optim.boundary_epochs'):
+        if list(flat[field]) != sorted(set(flat[field])):
+            _fail(field, f'must be strictly increasing, got {flat[field]!r}')
+    for name in config.resume_allow_changes:
+        if name not in flat:
+            _fail('resume_allow_changes', f'{name!r} is not a config field.{close_matches(name, flat)}')
+
+
+def _in_range(value, interval: str) -> bool:
+    low, high = (float(x) for x in interval[1:-1].split(', '))
+    return ((low < value if interval[0] == '(' else low <= value) and
+            (value < high if interval[-1] == ')' else value <= high))
+
+
+def _describe(interval: str) -> str:
+    if interval == '[1, inf)':
+        return 'a positive integer'
+    if interval.endswith(', inf)'):
+        return f'{">" if interval[0] == "(" else ">="} {interval[1:].split(",")[0]}'
+    return f'in {interval}'
+
+
 def validate(config, num_devices: int, num_train: int | None = None) -> None:
     """Refuse a config that cannot run on `num_devices` devices; cheap, before any tracing."""
+    _check_ranges(config)
     if config.model.name not in PRESETS:
         _fail('model.name', f'unknown model {config.model.name!r}.{close_matches(config.model.name, PRESETS)}'
                             ' Run python -m resnet_jax.models.summary for the list.')
@@ -217,8 +325,6 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
                            "'torchvision:<file.pth or .safetensors>'")
     if config.init_from and not os.path.exists(config.init_from.partition(':')[2]):
         _fail('init_from', f'{config.init_from.partition(":")[2]} does not exist')
-    if config.keep_best_checkpoints < 0:
-        _fail('keep_best_checkpoints', f'must be >= 0, got {config.keep_best_checkpoints}')
     _check_data(config.data)
     _check_finetune(config)
     for pattern, rule in config.mesh.param_rules:
@@ -233,12 +339,6 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
     if (config.num_steps is None) == (config.num_epochs is None):
         _fail('num_steps', 'set exactly one of num_steps and num_epochs '
                            f'(got num_steps={config.num_steps}, num_epochs={config.num_epochs})')
-    for field in ('batch_size', 'eval_batch_size', 'log_every_steps', 'eval_every_steps',
-                  'checkpoint_every_steps', 'keep_checkpoints'):
-        if config[field] < 1:
-            _fail(field, f'must be a positive integer, got {config[field]}')
-    if (config.num_steps or 1) < 1 or (config.num_epochs or 1) <= 0:
-        _fail('num_steps', 'training length must be positive')
     if config.optim.boundaries and config.optim.boundary_epochs:
         _fail('optim.boundaries', 'give schedule boundaries in steps or in epochs (optim.boundary_epochs), not both')
     if config.optim.warmup_steps and config.optim.warmup_epochs:
@@ -276,8 +376,6 @@ def _check_finetune(config) -> None:
     f = config.finetune
     _check_choice('init_head', config.init_head, INIT_HEADS)
     _check_choice('finetune.freeze_batch_stats', f.freeze_batch_stats, finetune.FREEZE_BATCH_STATS)
-    if not 0 < f.layer_lr_decay <= 1:
-        _fail('finetune.layer_lr_decay', f'must be in (0, 1] (1.0 turns it off), got {f.layer_lr_decay}')
     if f.linear_probe:
         for field, off in (('finetune.freeze', ()), ('finetune.freeze_batch_stats', 'none'),
                            ('finetune.layer_lr_decay', 1.0), ('optim.ema_decay', 0.0), ('data.mixup_alpha', 0.0),
@@ -322,11 +420,6 @@ def _check_data(d) -> None:
         _fail('data.augment', "'inception' crops variable-size images on the host; it needs data.feed='stream'")
     if d.feed == 'stream' and importlib.util.find_spec('grain') is None:
         _fail('data.feed', "'stream' reads through Grain, which is not installed: pip install grain")
-    for field in ('mixup_alpha', 'cutmix_alpha', 'workers', 'train_subset'):
-        if d[field] < 0:
-            _fail(f'data.{field}', f'must be >= 0, got {d[field]}')
-    if not 0 < d.eval_crop_fraction <= 1:
-        _fail('data.eval_crop_fraction', f'must be in (0, 1], got {d.eval_crop_fraction}')
     if (d.mean is None) != (d.std is None):
         _fail('data.mean', 'set both data.mean and data.std, or neither')
     for field in ('mean', 'std'):
