@@ -17,7 +17,6 @@ plot. Files go to <workdir>/analysis/<tool>/ (or <out>/<tool>/): PNG, JSON, CSV 
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -99,15 +98,14 @@ def main(argv):
     if len(argv) != 2:
         raise app.UsageError(f'usage: python -m resnet_jax.analyze <tool>[,<tool>...] --workdir=<run>; tools: '
                              f'{", ".join(TOOLS)}, all')
-    try:
-        tools = parse_tools(argv[1])
-        options = common.Options(**{name: FLAGS[name].value for name in common.Options.__dataclass_fields__})
-        files = analyse(tools, options, FLAGS.workdir, CONFIG.value, FLAGS.compare, FLAGS.step, FLAGS.out,
-                        FLAGS.sweep_dir)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f'error: {e}')
+    tools = parse_tools(argv[1])  # its ValueErrors, and those of the options, are printed by resnet_jax.cli
+    options = common.Options(**{name: FLAGS[name].value for name in common.Options.__dataclass_fields__})
+    files = analyse(tools, options, FLAGS.workdir, CONFIG.value, FLAGS.compare, FLAGS.step, FLAGS.out,
+                    FLAGS.sweep_dir)
     print('\n'.join(files))
 
 
 if __name__ == '__main__':
-    app.run(main)
+    from resnet_jax import cli
+
+    cli.run(main, config_flag='config', errors=(ValueError,))

@@ -25,10 +25,11 @@ import json
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 
 from absl import app, flags
+
+from resnet_jax.cli import UserError
 
 SOURCES = ('synthetic', 'device', 'host')
 DEFAULT_STEPS_PROJECTED = 64_000  # He et al.'s CIFAR schedule, for the projected-time column
@@ -54,7 +55,7 @@ flags.DEFINE_integer('projected_steps', DEFAULT_STEPS_PROJECTED, 'steps for the 
 flags.DEFINE_string('json', None, 'write the rows to this JSON file')
 
 
-class BenchError(ValueError):
+class BenchError(UserError, ValueError):
     """A bad benchmark request; the message names the flag and what is allowed."""
 
 
@@ -332,10 +333,7 @@ def _parse_rows() -> list[dict]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    try:
-        specs = _parse_rows()
-    except BenchError as e:
-        sys.exit(f'error: {e}')
+    specs = _parse_rows()  # a BenchError is printed by resnet_jax.cli
     args = {k: FLAGS[k].value for k in ('image_size', 'num_examples', 'dataset', 'peak_tflops', 'max_batch', 'memory_limit_gib',
                                          'vs_torch', 'torch_compile', 'steps', 'warmup', 'window',
                                          'projected_steps')}
@@ -350,4 +348,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    from resnet_jax import cli
+
+    cli.run(main)

@@ -55,4 +55,6 @@ if __name__ == '__main__':  # flags only for the command, so export.py can impor
     flags.DEFINE_string('workdir', None, 'the run directory written by python -m resnet_jax.train')
     flags.DEFINE_integer('step', None, 'checkpoint step to evaluate (default: the newest readable one)')
     flags.mark_flags_as_required(['workdir'])
-    app.run(main)
+    from resnet_jax import cli
+
+    cli.run(main)

@@ -13,11 +13,14 @@ needs neither the run directory nor its config.
 from __future__ import annotations
 
 import json
+import os
+
 import jax
 import numpy as np
 from absl import app, flags
 from flax import serialization
 
+from resnet_jax.cli import UserError
 from resnet_jax.models import get_model
 from resnet_jax.train import config as config_lib
 
@@ -26,8 +29,10 @@ def export(workdir: str, out: str, step: int | None = None, ema: bool = False) -
     """Write `out` and `out`.json from checkpoint `step` (default: the newest readable) of `workdir`."""
     from resnet_jax.evaluate import restore_workdir
 
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):  # before anything is restored
+        raise UserError(f'--out={out}: its directory {os.path.dirname(os.path.abspath(out))} does not exist')
     if ema and not config_lib.load_resolved(workdir).optim.ema_decay:  # before any data is loaded
-        raise ValueError(f'{workdir} was trained without EMA (optim.ema_decay = 0); export without --ema')
+        raise UserError(f'{workdir} was trained without EMA (optim.ema_decay = 0); export without --ema')
     run, restored = restore_workdir(workdir, step)
     config = run.config
     state = jax.device_get(restored.state)
@@ -70,4 +75,6 @@ if __name__ == '__main__':
     flags.DEFINE_integer('step', None, 'checkpoint step (default: the newest readable one)')
     flags.DEFINE_bool('ema', False, 'export the EMA parameters instead of the raw ones')
     flags.mark_flags_as_required(['workdir', 'out'])
-    app.run(main)
+    from resnet_jax import cli
+
+    cli.run(main)

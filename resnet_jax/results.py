@@ -195,7 +195,7 @@ def report(sweep_dir: str, metrics: list[str], dashed: str = DEFAULT_DASHED) -> 
 def cli() -> None:
     from absl import app, flags
 
-    from resnet_jax.launch.command import run_cli
+    from resnet_jax import cli
 
     flags.DEFINE_list('metric', ['eval/top1'], 'metrics.jsonl keys to tabulate (accuracies shown as error %)')
     flags.DEFINE_string('dashed', DEFAULT_DASHED, 'configurations whose label matches this regex are dashed in '
@@ -207,7 +207,7 @@ def cli() -> None:
         re.compile(flags.FLAGS.dashed)
         print(report(argv[1], flags.FLAGS.metric, flags.FLAGS.dashed), end='')
 
-    run_cli(main, (FileNotFoundError, ValueError, re.error))
+    cli.run(main, errors=(ValueError, re.error))
 
 
 if __name__ == '__main__':

@@ -37,6 +37,7 @@ import sys
 import numpy as np
 from absl import flags
 
+from resnet_jax.cli import UserError
 from resnet_jax.train import config as config_lib
 from resnet_jax.train.loop import DONE_FILE
 
@@ -47,7 +48,7 @@ STATES = ('finished', 'unfinished', 'new')
 MAX_NAME = 200            # directory names stay below the usual 255-byte limit
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A sweep that cannot be launched; the message names the run and the problem."""
 
 
@@ -174,7 +175,7 @@ def canonical(value) -> str:
 class RunSpec:
     name: str        # directory name derived from the overrides: filesystem-safe, unique in the sweep
     config: str      # the config spec, e.g. '/abs/experiments/cifar10.py:resnet20'
-    workdir: str     # absolute: <sweep_dir>/<name>
+    workdir: str     # absolute: <sweep_dir>/<name>; recorded in sweep.json relative to the sweep directory
     overrides: dict  # {'model.skip': 'none', 'seed': 1, ...}, passed as --config.<key>=<value>
     common: tuple[str, ...] = ()  # '--config.<key>=<text>' given to the sweep command, the same for every run
 
@@ -371,23 +372,28 @@ def record(sweep_dir: str, definition: dict, runs: list[RunSpec], write: bool = 
         return
     if write:
         os.makedirs(sweep_dir, exist_ok=True)
+        # Workdirs relative to the sweep directory, so that a moved or copied sweep keeps its runs.
         content = {'definition': definition,
-                   'runs': [dict(dataclasses.asdict(run), command=run.command()) for run in runs]}
+                   'runs': [dict(dataclasses.asdict(run), workdir=os.path.relpath(run.workdir, sweep_dir),
+                                 command=run.command()) for run in runs]}
         with open(path + '.tmp', 'w') as f:
             json.dump(content, f, indent=2, default=list)
         os.replace(path + '.tmp', path)
 
 
 def load(sweep_dir: str) -> tuple[dict, list[RunSpec]]:
-    """(definition, runs) as recorded in `<sweep_dir>/sweep.json`."""
+    """(definition, runs) as recorded in `<sweep_dir>/sweep.json`, workdirs inside `sweep_dir` wherever it
+    is now (a record made before workdirs were relative names an old place: its last part is kept)."""
     path = os.path.join(sweep_dir, SWEEP_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f'{sweep_dir} has no {SWEEP_FILE}: is it a sweep directory made by '
                                 'python -m resnet_jax.sweep?')
     with open(path) as f:
         content = json.load(f)
-    runs = [RunSpec(r['name'], r['config'], r['workdir'], r['overrides'], tuple(r.get('common', ())))
-            for r in content['runs']]
+    sweep_dir = os.path.abspath(sweep_dir)
+    runs = [RunSpec(r['name'], r['config'], os.path.join(sweep_dir, os.path.basename(r['workdir'])
+                                                         if os.path.isabs(r['workdir']) else r['workdir']),
+                    r['overrides'], tuple(r.get('common', ()))) for r in content['runs']]
     return content['definition'], runs
 
 
@@ -405,7 +411,7 @@ def _define_flags() -> None:
 
 def main(argv, common: tuple[str, ...] = ()) -> int:
     if len(argv) > 1:
-        raise SystemExit(f'unexpected arguments: {argv[1:]}')
+        raise SweepError(f'unexpected arguments: {argv[1:]}')
     return run_sweep(flags.FLAGS, common)
 
 
@@ -448,7 +454,7 @@ def _launcher_from_argv(argv: list[str]) -> str:
 def cli() -> None:
     """`python -m resnet_jax.sweep`: the launcher's module is imported before absl parses the command
     line, so that its flags (--slurm_*, --tpu_*, --local_*) are known then."""
-    from resnet_jax.launch.command import LaunchError, run_cli
+    from resnet_jax import cli
 
     _define_flags()
     if _launcher_from_argv(sys.argv) in LAUNCHERS:
@@ -456,7 +462,7 @@ def cli() -> None:
     # --config.<key>=<value> (not flags of this command): settings for every run, passed on verbatim.
     common = tuple(a for a in sys.argv[1:] if a.startswith('--config.'))
     sys.argv = [a for a in sys.argv if not a.startswith('--config.')]
-    run_cli(lambda argv: main(argv, common), (SweepError, LaunchError))
+    cli.run(lambda argv: main(argv, common))
 
 
 if __name__ == '__main__':  # run the imported module's cli, so launchers see the same RunSpec class

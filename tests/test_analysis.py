@@ -228,5 +228,5 @@ def test_bad_arguments_fail_before_any_work(sweep, tmp_path):
         with pytest.raises(ValueError, match=re.escape(message)):
             call()
     assert not (tmp_path / 'analysis').exists()
-    result = analyze('lesions', f'--workdir={sweep / "resnet"}')  # the command prints the message and exits 1
-    assert result.returncode == 1 and "error: unknown tool 'lesions'" in result.stderr
+    result = analyze('lesions', f'--workdir={sweep / "resnet"}')  # the command prints the message and exits 2
+    assert result.returncode == 2 and "error: unknown tool 'lesions'" in result.stderr

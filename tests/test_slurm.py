@@ -115,6 +115,31 @@ def test_a_sweep_runs_as_one_job_array_and_gives_the_results_table(cluster, tmp_
     assert len(rows) == 2 and ' ± ' in rows[[r.split(' | ')[1] for r in rows].index('2')], table.stdout
 
 
+def test_paths_with_spaces_and_special_characters_reach_the_job_intact(cluster, tmp_path):
+    """Sweep directory, working directory and interpreter with ' ', '#' and '%': sbatch reads the quoted
+    #SBATCH options (log path, job name, --chdir) and each task gets its arguments unsplit."""
+    config = tmp_path / 'tiny_sweep.py'
+    config.write_text(SWEEP_FILE.format(quickstart=str(ROOT / 'experiments' / 'quickstart.py')))
+    odd = tmp_path / 'a dir #1 100%'
+    (odd / 'cwd').mkdir(parents=True)
+    python = odd / 'fake python'  # prints its arguments: the job itself costs nothing
+    python.write_text('#!/bin/bash\nprintf "arg<%s>\\n" "$@"\npwd\n')
+    python.chmod(0o755)
+    sweep_dir = odd / 'sweep'
+    args = ['-m', 'resnet_jax.sweep', f'--config={config}', f'--sweep_dir={sweep_dir}', '--launcher=slurm',
+            '--slurm_wait', '--slurm_poll_seconds=1', '--slurm_time=5', f'--slurm_python={python}']
+    with open(tmp_path / 'launch.log', 'wb') as out:
+        proc = subprocess.Popen([sys.executable, *args], cwd=odd / 'cwd', env=job_env(cluster), stdout=out,
+                                stderr=subprocess.STDOUT)
+    out = finish(proc, tmp_path / 'launch.log', cluster)
+    job = re.search(r'submitted job array (\d+)', out).group(1)
+    assert f'job {job} ended: 3 of 3 tasks completed' in out, out + cluster.logs()
+    _, runs = sweep_lib.load(str(sweep_dir))
+    for i, run in enumerate(runs):
+        log = (sweep_dir / 'slurm' / f'{job}_{i}.out').read_text()
+        assert f'arg<--workdir={run.workdir}>\n' in log and f'\n{odd / "cwd"}\n' in log, log
+
+
 def test_one_training_as_two_slurm_tasks_equals_one_process_with_two_devices(cluster, processes, tmp_path):
     two_tasks, reference = tmp_path / 'two_tasks', tmp_path / 'one_process'
     single = processes.start('reference', [*TINY, *SHORT, f'--workdir={reference}', '--nodistributed'], devices=2)

@@ -53,7 +53,7 @@ def test_dry_run_prints_the_exact_gcloud_command(command):
 ])
 def test_bad_input_is_refused_with_a_clear_error(args, message):
     out = tpu(*args, '--dry_run')
-    assert out.returncode == 1 and 'gcloud' not in out.stdout
+    assert out.returncode == 2 and 'gcloud' not in out.stdout
     assert message in out.stderr, out.stderr
 
 

@@ -112,5 +112,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    from resnet_jax import cli
+
     define_flags()
-    app.run(main)
+    cli.run(main, config_flag='config')

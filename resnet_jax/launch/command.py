@@ -1,15 +1,16 @@
-"""What the launch commands share: `LaunchError` and `run_cli` (an error a user can fix printed as one
-line) for the sweep and every launcher, and the single-training flags of the SLURM and TPU-VM
-launchers (`--config` with `--config.*` overrides, `--workdir`, `--dry_run`) and how they pass them on."""
+"""What the launch commands share: `LaunchError` (a user error, printed as one line by
+`resnet_jax.cli.run`) for the sweep and every launcher, and the single-training flags of the SLURM
+and TPU-VM launchers (`--config` with `--config.*` overrides, `--workdir`, `--dry_run`) and how they
+pass them on."""
 
 from __future__ import annotations
 
-import sys
-
 from absl import flags
 
+from resnet_jax.cli import UserError
 
-class LaunchError(ValueError):
+
+class LaunchError(UserError, ValueError):
     """Launcher options that cannot work; the message names the flag or key and what is allowed."""
 
 
@@ -43,16 +44,3 @@ def validate(config, num_devices: int | None = None) -> None:
     except config_lib.ConfigError as e:
         raise LaunchError(str(e)) from None
 
-
-def run_cli(main, errors) -> None:
-    """absl's app.run(main), where an error the user can fix (one of `errors`) ends the command with
-    'error: <message>' and exit code 1 instead of a traceback."""
-    from absl import app
-
-    def run(argv):
-        try:
-            sys.exit(main(argv))
-        except errors as e:
-            sys.exit(f'error: {e}')
-
-    app.run(run)

@@ -31,7 +31,8 @@ import tomllib
 
 from absl import flags
 
-from resnet_jax.launch.command import LaunchError, config_args, define_training_flags, run_cli, validate
+from resnet_jax import cli
+from resnet_jax.launch.command import LaunchError, config_args, define_training_flags, validate
 from resnet_jax.train.loop import PREEMPTED_EXIT_CODE
 
 # Every resource a profile may set; each is also the flag --slurm_<key>, which wins over the profile.
@@ -143,7 +144,8 @@ def _header(lines: list[str], name: str, output: str, res: dict) -> list[str]:
         if key in res:
             sbatch.append(f"--{key.replace('_', '-')}={res[key]}")
     sbatch += res.get('sbatch_args', [])
-    return [f'#SBATCH {s}' for s in sbatch]
+    # sbatch reads #SBATCH lines with shell-like quoting: a path with spaces or '#' stays one option.
+    return [f'#SBATCH {shlex.quote(s)}' for s in sbatch]
 
 
 def _body(describe: str, train: list[str], res: dict) -> list[str]:
@@ -170,6 +172,11 @@ def _body(describe: str, train: list[str], res: dict) -> list[str]:
     ]
 
 
+def _literal(path: str) -> str:
+    """`path` in an sbatch --output pattern, where '%' starts a replacement ('%%' is a '%')."""
+    return path.replace('%', '%%')
+
+
 def sweep_script(num_runs: int, runs_file: str, sweep_dir: str, res: dict) -> str:
     """The job-array script: task i runs line i + 1 of `runs_file` (shell-quoted arguments) as one task."""
     array = f'0-{num_runs - 1}' + (f"%{res['max_parallel']}" if 'max_parallel' in res else '')
@@ -181,7 +188,7 @@ def sweep_script(num_runs: int, runs_file: str, sweep_dir: str, res: dict) -> st
         f'# The sweep in {sweep_dir}: {num_runs} runs as one job array, written by resnet_jax.launch.slurm.',
         f'# Array task i runs line i + 1 of {runs_file} after the interpreter. To submit by hand: sbatch <this file>',
         *_header(lines, os.path.basename(sweep_dir.rstrip('/')) or 'sweep',
-                 os.path.join(sweep_dir, SCRIPT_DIR, '%A_%a.out'), res),
+                 os.path.join(_literal(sweep_dir), SCRIPT_DIR, '%A_%a.out'), res),
     ]
     describe = ('JOB="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"\n'
                 f'eval "set -- $(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(runs_file)})"')
@@ -200,7 +207,8 @@ def job_script(train_args: list[str], workdir: str, nodes: int, tasks_per_node: 
         f'# The training in {workdir}: {nodes} node(s) x {tasks_per_node} task(s), written by '
         'resnet_jax.launch.slurm.',
         '# To submit by hand: sbatch <this file>',
-        *_header(lines, os.path.basename(workdir.rstrip('/')), os.path.join(workdir, SCRIPT_DIR, '%j.out'), res),
+        *_header(lines, os.path.basename(workdir.rstrip('/')), os.path.join(_literal(workdir), SCRIPT_DIR, '%j.out'),
+                 res),
     ]
     describe = f'JOB="$SLURM_JOB_ID"\nset -- {shlex.join([res["python"], *train_args])}'
     train = ['srun', '--label', '"$@"']
@@ -350,4 +358,4 @@ def _define_job_flags() -> None:
 
 if __name__ == '__main__':
     _define_job_flags()
-    run_cli(main, LaunchError)
+    cli.run(main, config_flag='config')

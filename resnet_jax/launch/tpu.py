@@ -27,7 +27,8 @@ from pathlib import Path
 
 from absl import flags
 
-from resnet_jax.launch.command import LaunchError, config_args, define_training_flags, run_cli, validate
+from resnet_jax import cli
+from resnet_jax.launch.command import LaunchError, config_args, define_training_flags, validate
 
 NAME = flags.DEFINE_string('tpu_name', None, 'the TPU VM (node) name')
 ZONE = flags.DEFINE_string('tpu_zone', None, 'its zone, e.g. us-central2-b')
@@ -157,4 +158,4 @@ def main(argv) -> int:
 
 if __name__ == '__main__':
     define_training_flags()
-    run_cli(main, LaunchError)
+    cli.run(main, config_flag='config')

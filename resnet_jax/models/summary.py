@@ -12,13 +12,12 @@ so nothing is computed or allocated.
 from __future__ import annotations
 
 import math
-import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.models.registry import PRESETS, get_model, native_resolution
+from resnet_jax.models.registry import PRESETS, close_matches, get_model, native_resolution
 from resnet_jax.models.resnet import ResNet, param_count
 
 
@@ -67,8 +66,17 @@ def table(names: list[str]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    print(table(argv or list(PRESETS)))
+    """argv: absl's (the program, then the preset names; none: every preset)."""
+    from resnet_jax.cli import UserError
+
+    for name in argv[1:]:
+        if name not in PRESETS:
+            raise UserError(f'unknown model {name!r}.{close_matches(name, PRESETS)} Run python -m '
+                            'resnet_jax.models.summary for the list.')
+    print(table(argv[1:] or list(PRESETS)))
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    from resnet_jax import cli
+
+    cli.run(main)

@@ -45,4 +45,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    from resnet_jax import cli
+
+    cli.run(main, config_flag='config')
