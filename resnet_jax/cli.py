@@ -36,7 +36,9 @@ class UserError(Exception):
 
 
 def _debug() -> bool:
-    return os.environ.get(DEBUG_ENV, '') not in ('', '0') or (flags.FLAGS.is_parsed() and DEBUG.value)
+    if os.environ.get(DEBUG_ENV, '') not in ('', '0'):
+        return True
+    return DEBUG.value if flags.FLAGS.is_parsed() else '--debug' in sys.argv  # a parse error: not parsed
 
 
 def message(error: BaseException) -> str:
