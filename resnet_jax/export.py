@@ -29,8 +29,9 @@ def export(workdir: str, out: str, step: int | None = None, ema: bool = False) -
     """Write `out` and `out`.json from checkpoint `step` (default: the newest readable) of `workdir`."""
     from resnet_jax.evaluate import restore_workdir
 
-    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):  # before anything is restored
-        raise UserError(f'--out={out}: its directory {os.path.dirname(os.path.abspath(out))} does not exist')
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))) or os.path.isdir(out):  # before anything is restored
+        raise UserError(f'--out={out}: ' + ('is a directory; name the file to write' if os.path.isdir(out) else
+                                            f'its directory {os.path.dirname(os.path.abspath(out))} does not exist'))
     if ema and not config_lib.load_resolved(workdir).optim.ema_decay:  # before any data is loaded
         raise UserError(f'{workdir} was trained without EMA (optim.ema_decay = 0); export without --ema')
     run, restored = restore_workdir(workdir, step)

@@ -264,7 +264,12 @@ def expand(spec: str, sweep_dir: str, common: tuple[str, ...] = ()) -> tuple[dic
     if not hasattr(module, 'get_sweep'):
         raise SweepError(f'{path} defines no get_sweep(arg); add one returning a list of override dicts '
                          '(see resnet_jax/sweep.py)')
-    entries = module.get_sweep(arg) if arg else module.get_sweep()
+    try:
+        entries = module.get_sweep(arg) if arg else module.get_sweep()
+    except SweepError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a refused argument, or a bug in the file: both named
+        raise SweepError(f'{path}: get_sweep({arg!r}) failed: {type(e).__name__}: {e}') from e
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise SweepError(f'{path}: get_sweep({arg!r}) must return a non-empty list of dicts, got {entries!r}')
     for entry in entries:

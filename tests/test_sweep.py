@@ -171,6 +171,13 @@ def test_sweep_json_written_once_and_a_different_sweep_refused(tmp_path):
     assert json.loads((tmp_path / 'sw' / 'sweep.json').read_text()) == recorded
 
 
+def test_a_get_sweep_that_fails_is_named(tmp_path):
+    (tmp_path / 'exp.py').write_text('def get_config():\n    pass\n\n\ndef get_sweep(arg):\n'
+                                     '    raise ValueError(f"no sweep {arg!r}: use a or b")\n')
+    with pytest.raises(SweepError, match=r"exp.py: get_sweep\('c'\) failed: ValueError: no sweep 'c': use a or b"):
+        sweep.expand(f'{tmp_path}/exp.py:c', str(tmp_path / 'sw'))
+
+
 def test_a_moved_or_copied_sweep_keeps_its_finished_runs(tmp_path):
     """sweep.json names workdirs relative to the sweep directory; an old record of absolute paths
     is read as if they were inside the sweep directory wherever it is now."""
