@@ -174,6 +174,8 @@ def plot(rows: list[dict], metrics: list[str], path: str, dashed: str = DEFAULT_
 
 def report(sweep_dir: str, metrics: list[str], dashed: str = DEFAULT_DASHED) -> str:
     """Write results.md, results.csv and curves.png into `sweep_dir`; return the Markdown."""
+    if not metrics:
+        raise ValueError('--metric: name at least one metrics.jsonl key, e.g. --metric=eval/top1')
     definition, _ = sweep_lib.load(sweep_dir)
     records = collect(sweep_dir)
     logged = set().union(*(r['history'] for r in records))

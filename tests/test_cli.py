@@ -38,6 +38,8 @@ CASES = [
      "error: unexpected arguments: ['extra']"),
     ('results', ['resnet_jax.results', '{tmp}/nothing'],
      'error: {tmp}/nothing has no sweep.json: is it a sweep directory made by python -m resnet_jax.sweep?'),
+    ('results_metric', ['resnet_jax.results', '{tmp}/nothing', '--metric='],
+     'error: --metric: name at least one metrics.jsonl key, e.g. --metric=eval/top1'),
     ('analyze', ['resnet_jax.analyze', 'paths', f'--config={QUICKSTART}', '--out={tmp}/a', '--config.optim.lrr=1'],
      TYPO),
     ('bench', ['resnet_jax.bench', '--model=resnet5O'], NO_MODEL.replace('error: ', 'error: --model: ') +
