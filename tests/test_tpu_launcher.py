@@ -8,8 +8,8 @@ import pytest
 from test_multihost import ROOT
 
 WHERE = ['--tpu_name=r50', '--tpu_zone=us-central2-b', '--tpu_project=my-proj']
-REMOTE = ('cd resnet_jax && python3 -m resnet_jax.train --config=experiments/quickstart.py:x '
-          "'--config.model.stage_sizes=(1, 1, 1)' --workdir=/mnt/shared/r50 --distributed")
+REMOTE = ('cd resnet_jax && python3 -m resnet_jax.train --config=experiments/cifar10.py:resnet20 '
+          "'--config.model.stage_sizes=(1, 1, 1)' '--workdir=/mnt/shared/r50 #2' --distributed")
 EXPECTED = {
     'create': ['gcloud', 'compute', 'tpus', 'tpu-vm', 'create', 'r50', '--zone=us-central2-b', '--project=my-proj',
                '--accelerator-type=v4-32', '--version=tpu-ubuntu2204-base', '--spot'],
@@ -32,8 +32,8 @@ def tpu(*args: str) -> subprocess.CompletedProcess:
 def test_dry_run_prints_the_exact_gcloud_command(command):
     extra = {'create': ['--tpu_accelerator_type=v4-32', '--tpu_version=tpu-ubuntu2204-base', '--tpu_spot'],
              # an absolute config path inside the checkout is passed relative to the VM's checkout
-             'run': [f'--config={ROOT}/experiments/quickstart.py:x', '--config.model.stage_sizes=(1, 1, 1)',
-                     '--workdir=/mnt/shared/r50'],
+             'run': [f'--config={ROOT}/experiments/cifar10.py:resnet20', '--config.model.stage_sizes=(1, 1, 1)',
+                     '--workdir=/mnt/shared/r50 #2'],  # a path with a space and a '#' stays one argument
              'copy_logs': ['--workdir=/mnt/shared/r50/', '--tpu_local_dir=logs'],
              'delete': []}[command]
     out = tpu(command, *WHERE, *extra, '--dry_run')
