@@ -132,6 +132,8 @@ def test_tfds_split_slicing_and_image_sizes(tmp_path):
     assert ds.images.shape == (10, 16, 16, 3) and ds.num_classes == 4
     raw = sources.open_source(config, 'train')
     assert len(raw) == 40 and raw[3][0].shape == (21, 22, 3)  # the stored size, before resizing
+    config.data.train_subset = 5  # the label map through a subset of the training split
+    assert sources.class_names(config) == ('red', 'green', 'blue', 'grey')
 
 
 def test_a_tfds_dataset_that_is_not_prepared_says_how_to_prepare_it(tmp_path):

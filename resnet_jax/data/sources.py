@@ -128,22 +128,22 @@ class TfdsSource:
         prepared_dir = os.path.join(_data_dir(data_dir), self.dataset_name)
         if self.dataset_name not in registered and not os.path.isdir(prepared_dir):
             raise DatasetError(f'config.data.dataset=tfds:{spec}: TFDS has no dataset {self.dataset_name!r} and '
-                             f'none is prepared in {_data_dir(data_dir)}.{close_matches(self.dataset_name, registered)}')
+                               f'none is prepared in {_data_dir(data_dir)}.{close_matches(self.dataset_name, registered)}')
         try:
             builder = tfds.builder(name, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError:  # a version or config that is not there
             versions = sorted(os.listdir(prepared_dir)) if os.path.isdir(prepared_dir) else []
             raise DatasetError(f'config.data.dataset=tfds:{spec}: not found; {prepared_dir} holds '
-                             f'{", ".join(versions) or "nothing"}') from None
+                               f'{", ".join(versions) or "nothing"}') from None
         self.image_key, self.label_key = builder.info.supervised_keys or ('image', 'label')
         try:
             self._records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:
             if builder.is_prepared():
                 raise DatasetError(f'TFDS {name} in {builder.data_dir} is prepared as '
-                                 f'{builder.info.file_format.value}, which has no random access; prepare it '
-                                 f'again with: tfds build {self.dataset_name} --data_dir={_data_dir(data_dir)} '
-                                 '--file_format=array_record') from e
+                                   f'{builder.info.file_format.value}, which has no random access; prepare it '
+                                   f'again with: tfds build {self.dataset_name} --data_dir={_data_dir(data_dir)} '
+                                   '--file_format=array_record') from e
             raise DatasetNotPreparedError(
                 f'TFDS dataset {name!r} is not prepared in {_data_dir(data_dir)} and is never downloaded during '
                 f'training. Prepare it once (on a machine with internet access, or with the manual download in '
@@ -184,6 +184,10 @@ class Subset:
     @property
     def num_classes(self) -> int:
         return self.source.num_classes
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.source.classes
 
     def __len__(self) -> int:
         return len(self.indices)
