@@ -27,8 +27,6 @@ DEBUG_ENV = 'RESNET_JAX_DEBUG'
 # OS errors about a path the user gave; their message names the path.
 PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
-DEBUG = flags.DEFINE_bool('debug', False, f'show the traceback of user errors too (or set {DEBUG_ENV}=1)')
-
 
 class UserError(Exception):
     """An error the user can fix (a flag, a config value, a path, a dataset); the message says how.
@@ -38,7 +36,9 @@ class UserError(Exception):
 def _debug() -> bool:
     if os.environ.get(DEBUG_ENV, '') not in ('', '0'):
         return True
-    return DEBUG.value if flags.FLAGS.is_parsed() else '--debug' in sys.argv  # a parse error: not parsed
+    if flags.FLAGS.is_parsed() and 'debug' in flags.FLAGS:
+        return flags.FLAGS.debug
+    return '--debug' in sys.argv  # a parse error: the flags are not parsed
 
 
 def message(error: BaseException) -> str:
@@ -68,7 +68,7 @@ def list_own_flags(main_module: str | None = None) -> None:
     main_module = sys.argv[0] if main_module is None else main_module
     values = flags.FLAGS
     for module, module_flags in values.flags_by_module_dict().items():
-        if module == main_module or module.startswith('resnet_jax') or 'resnet_jax' + os.sep in module:
+        if module == main_module or module.startswith('resnet_jax.'):
             for flag in module_flags:
                 values.register_key_flag_for_module(main_module, flag)
 
@@ -96,6 +96,8 @@ def run(main, config_flag: str | None = None, errors: tuple[type[BaseException],
     exit code. `config_flag` names a config-file flag (ml_collections) whose file is checked first."""
     from absl import app
 
+    # Defined here, not on import: modules that import UserError stay free of command-line flags.
+    flags.DEFINE_bool('debug', False, f'show the traceback of user errors too (or set {DEBUG_ENV}=1)')
     list_own_flags()
     user_errors = (UserError, app.UsageError, flags.Error, *PATH_ERRORS, *errors)
 
