@@ -102,13 +102,14 @@ def random_image(rng, height: int, width: int):
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def make_image_folder(root: Path, splits: dict[str, int], classes=('cat', 'ant', 'bee'), seed: int = 0) -> Path:
-    """root/<split>/<class>/<i>.png with `splits[split]` images per class, of varied sizes."""
+def make_image_folder(root: Path, splits: dict, classes=('cat', 'ant', 'bee'), seed: int = 0) -> Path:
+    """root/<split>/<class>/<i>.png with `splits[split]` images per class, or per named class when it
+    is a dict {class: images} (0: an empty class folder), of varied sizes."""
     rng = np.random.default_rng(seed)
-    for split, per_class in splits.items():
-        for name in classes:
+    for split, counts in splits.items():
+        for name, count in (counts if isinstance(counts, dict) else dict.fromkeys(classes, counts)).items():
             (root / split / name).mkdir(parents=True)
-            for i in range(per_class):
+            for i in range(count):
                 (root / split / name / f'{i:03d}.png').write_bytes(png_bytes(random_image(rng, 20 + i % 7, 24 + i % 5)))
     return root
 
