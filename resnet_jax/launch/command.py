@@ -43,4 +43,3 @@ def validate(config, num_devices: int | None = None) -> None:
         config_lib.validate(config, num_devices)
     except config_lib.ConfigError as e:
         raise LaunchError(str(e)) from None
-
