@@ -334,6 +334,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     specs = _parse_rows()  # a BenchError is printed by resnet_jax.cli
+    if FLAGS.json and not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.json))):  # before measuring
+        raise BenchError(f'--json={FLAGS.json}: its directory does not exist')
     args = {k: FLAGS[k].value for k in ('image_size', 'num_examples', 'dataset', 'peak_tflops', 'max_batch', 'memory_limit_gib',
                                          'vs_torch', 'torch_compile', 'steps', 'warmup', 'window',
                                          'projected_steps')}

@@ -63,6 +63,7 @@ def test_largest_batch_brackets_the_memory_limit(tmp_path):
     (['--source=disk'], "--source: 'disk' is not one of synthetic, device, host"),
     (['--batch_size=8,x'], '--batch_size: 8,x must be comma-separated integers'),
     (['--vs_torch', '--source=device'], '--vs_torch measures the step alone: use --source=synthetic'),
+    (['--json=/nonexistent/rows.json'], '--json=/nonexistent/rows.json: its directory does not exist'),
 ])
 def test_bad_flags_fail_with_a_message(flags, message):
     result = run_module(['-m', 'resnet_jax.bench', *flags], timeout=120)
