@@ -137,7 +137,8 @@ def step_dir(path: str) -> str:
     return os.path.join(path, 'checkpoints', str(steps[-1]))
 
 
-INIT_SOURCES = ('checkpoint:<workdir or step dir>', 'torchvision:<file.pth or .safetensors>')
+INIT_SOURCES = ('checkpoint:<workdir or step dir>', 'torchvision:<file.pth or .safetensors>',
+                'timm:<file.pth or .safetensors>')
 
 
 def warm_start(spec: str, model, params, batch_stats, init_head: str = 'keep') -> tuple[dict, dict]:
@@ -156,6 +157,11 @@ def warm_start(spec: str, model, params, batch_stats, init_head: str = 'keep') -
         from resnet_jax.models.torchvision_import import from_torchvision, load_state_dict
         state_dict = load_state_dict(path)
         source = from_torchvision(state_dict, model.clone(num_classes=state_dict['fc.weight'].shape[0]))
+    elif kind == 'timm':
+        from resnet_jax.models.timm_import import from_timm
+        from resnet_jax.models.torchvision_import import load_state_dict
+        state_dict = load_state_dict(path)
+        source = from_timm(state_dict, model.clone(num_classes=state_dict['fc.weight'].shape[0]))
     else:
         raise ValueError(f'init_from={spec!r}: choose one of {", ".join(INIT_SOURCES)}')
     target = {'params': params, 'batch_stats': batch_stats}

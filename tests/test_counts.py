@@ -38,11 +38,26 @@ def test_torchvision_parameter_and_mac_counts(name):
 
 
 def test_timm_counts_for_presets_torchvision_lacks():
-    # timm's resnet50d, resnet18d and seresnet50 have these exact counts.
+    # timm 1.0.31's resnet50d, resnet18d, resnet26d, resnet200d and its SE nets have these exact counts;
+    # SE-ResNet-18/34 need timm's SE width rounding, make_divisible(channels / 16, 8).
     assert params_of('resnet50_d') == 25_576_264
     assert params_of('resnet18_d') == 11_708_744
+    assert params_of('resnet26_d') == 16_014_408
+    assert params_of('resnet200_d') == 64_693_064
+    assert params_of('se_resnet18') == 11_779_624
+    assert params_of('se_resnet34') == 21_960_416
     assert params_of('se_resnet50') == 28_088_024
+    assert params_of('se_resnext50_32x4d') == 27_559_896
     assert params_of('resnext101_64x4d') == 83_455_272  # torchvision resnext101_64x4d
+
+
+def test_se_width_rounding():
+    """timm's make_divisible(v, 8) with round_limit 0: nearest multiple of 8, halves up, at least 8;
+    divisor 1 rounds to the nearest integer."""
+    widths = {c: get_model('resnet18', se_ratio=1 / 16, se_divisor=8).design.se_width(c) for c in (64, 128, 192, 320)}
+    assert widths == {64: 8, 128: 8, 192: 16, 320: 24}
+    assert get_model('resnet18', se_ratio=1 / 16).design.se_width(64) == 4
+    assert params_of('resnet18', se_ratio=1 / 16) == 11_778_592  # the counts before timm's rule
 
 
 def test_resnet50_v1_puts_the_stride_on_the_1x1_and_costs_the_papers_3_8_gmacs():

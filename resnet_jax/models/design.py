@@ -28,6 +28,11 @@ PREACT_PLACEMENTS = ('preact', 'relu_preact')
 # a scalar branch gain initialised at zero (SkipInit / ReZero), or Fixup.
 BRANCH_INITS = ('standard', 'zero_gamma', 'skipinit', 'fixup')
 NORMS = ('batch', 'group', 'none')
+# How a ResNet-D shortcut pools in a block whose stride became dilation: 'timm' as timm's ResNet-D
+# (a 2x2 window at stride 1, zeros appended after the last row/column and counted), 'a_trous' with
+# the window dilated like the stage's first conv and padding not counted, so that the dilated
+# network computes the strided one on a finer grid.
+DILATED_POOLS = ('timm', 'a_trous')
 ACTIVATIONS = {
     'relu': nn.relu,
     'gelu': nn.gelu,
@@ -77,6 +82,9 @@ class BlockDesign:
     dropout_rate: dropout before the last conv of each branch (Wide ResNet).
     drop_path_rate: stochastic depth; block l of L drops its branch with rate * l / L.
     se_ratio: squeeze-and-excitation hidden width as a fraction of the channels (0 = off).
+    se_divisor: the hidden width is channels * se_ratio rounded to the nearest multiple of this,
+      halves up, and at least this (timm's make_divisible; its SE-ResNets use 8).
+    dilated_pool: a ResNet-D shortcut's pool where a stride became dilation, one of DILATED_POOLS.
     norm, norm_groups: 'batch', 'group' (with norm_groups groups) or 'none'.
     activation: a name from ACTIVATIONS.
     dtype: compute dtype; parameters stay float32.
@@ -97,6 +105,8 @@ class BlockDesign:
     dropout_rate: float = 0.0
     drop_path_rate: float = 0.0
     se_ratio: float = 0.0
+    se_divisor: int = 1
+    dilated_pool: str = 'timm'
     norm: str = 'batch'
     norm_groups: int = 32
     activation: str = 'relu'
@@ -109,11 +119,12 @@ class BlockDesign:
         check_choice('placement', self.placement, PLACEMENTS)
         check_choice('branch_init', self.branch_init, BRANCH_INITS)
         check_choice('norm', self.norm, NORMS)
+        check_choice('dilated_pool', self.dilated_pool, DILATED_POOLS)
         check_choice('activation', self.activation, tuple(ACTIVATIONS))
         check_choice('dtype', self.dtype, tuple(DTYPES))
         for field in ('dropout_rate', 'drop_path_rate', 'skip_dropout'):
             check_rate(field, getattr(self, field))
-        for field in ('cardinality', 'base_width', 'norm_groups'):
+        for field in ('cardinality', 'base_width', 'norm_groups', 'se_divisor'):
             if getattr(self, field) < 1:
                 raise ValueError(f'{field}={getattr(self, field)!r} must be a positive integer')
         if self.se_ratio < 0:
@@ -144,6 +155,11 @@ class BlockDesign:
     def branch_ends_with_norm(self) -> bool:
         """Whether a norm follows the last conv of a branch (a projection shortcut then gets one too)."""
         return self.norm != 'none' and self.placement in ('post', 'relu_before_add', 'relu_preact')
+
+    def se_width(self, channels: int) -> int:
+        """The squeeze-and-excitation hidden width for `channels` (see se_divisor)."""
+        d = self.se_divisor
+        return max(d, int(channels * self.se_ratio + d / 2) // d * d)
 
     def branch_convs(self, planes: int, stride: int) -> list[tuple[int, int, int, int]]:
         """(features, kernel size, stride, groups) of each conv in a branch, in order."""

@@ -20,7 +20,7 @@ CIFAR_PREACT = dict(CIFAR, shortcut='B', placement='preact')
 VIDEO = dict(IMAGENET, stem='r3d', spatial_dims=3, num_classes=400)
 
 BASIC_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
-BOTTLENECK_STAGES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
+BOTTLENECK_STAGES = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
 
 
 def _imagenet(depth: int, **fields) -> dict:
@@ -51,17 +51,20 @@ def _resnext29(cardinality: int, base_width: int) -> dict:
 
 PRESETS: dict[str, dict] = {
     # He et al. 2016 on ImageNet, with the stride on the 3x3 (v1.5, torchvision's "ResNet-B").
-    **{f'resnet{d}': _imagenet(d) for d in (18, 34, 50, 101, 152, 200)},
+    **{f'resnet{d}': _imagenet(d) for d in (18, 26, 34, 50, 101, 152, 200)},
     'resnet50_v1': _imagenet(50, stride_in_1x1=True),
     # Bag of Tricks: ResNet-C replaces the 7x7 stem by three 3x3s; ResNet-D adds avg-pool shortcuts.
     'resnet50_c': _imagenet(50, stem='deep'),
-    **{f'resnet{d}_d': _imagenet(d, stem='deep', shortcut='D') for d in (18, 34, 50, 101, 152)},
+    **{f'resnet{d}_d': _imagenet(d, stem='deep', shortcut='D') for d in (18, 26, 34, 50, 101, 152, 200)},
     'resnext50_32x4d': _imagenet(50, cardinality=32, base_width=4),
     'resnext101_32x8d': _imagenet(101, cardinality=32, base_width=8),
     'resnext101_64x4d': _imagenet(101, cardinality=64, base_width=4),
     'wide_resnet50_2': _imagenet(50, base_width=128),
     'wide_resnet101_2': _imagenet(101, base_width=128),
-    'se_resnet50': _imagenet(50, se_ratio=1 / 16),
+    # Hu et al.'s SE blocks as timm builds them: hidden width make_divisible(channels / 16, 8).
+    **{f'se_resnet{d}': _imagenet(d, se_ratio=1 / 16, se_divisor=8) for d in (18, 34, 50, 101, 152)},
+    'se_resnext50_32x4d': _imagenet(50, cardinality=32, base_width=4, se_ratio=1 / 16, se_divisor=8),
+    'se_resnext101_32x8d': _imagenet(101, cardinality=32, base_width=8, se_ratio=1 / 16, se_divisor=8),
     'plain18': _imagenet(18, skip='none'),
     'plain34': _imagenet(34, skip='none'),
     # He et al. 2016, CIFAR-10 Table 6: option A shortcuts, and the plain twins of Figure 6.

@@ -83,12 +83,15 @@ def max_pool_3x3(x):
     return nn.max_pool(x, (3,) * dims, (2,) * dims, padding=[(1, 1)] * dims)
 
 
-def avg_pool_2x2(x, stride: int = 2, dilation: int = 1):
+def avg_pool_2x2(x, stride: int = 2, dilation: int = 1, dilated_pool: str = 'timm'):
     """2x2/2 average pooling over every spatial axis that keeps a trailing odd row/column (ceil
-    mode, padding not counted). In a stage whose stride became dilation it runs at stride 1 with
-    its window dilated like the stage's first conv, so that output j averages inputs j and
-    j + dilation: what the strided pool averaged, on the finer grid."""
+    mode, padding not counted). In a stage whose stride became dilation it runs at stride 1:
+    'a_trous' dilates its window like the stage's first conv, so that output j averages inputs j
+    and j + dilation, what the strided pool averaged, on the finer grid; 'timm' averages j and
+    j + 1 with a zero appended after the last row/column and counted, as timm's ResNet-D."""
     axes = spatial_axes(x)
+    if stride == 1 and dilated_pool == 'timm':
+        dilation = 1
     pad = [(0, 0)] + [(0, dilation if stride == 1 else x.shape[a] % 2) for a in axes] + [(0, 0)]
     window, strides, window_dilation = ((1,) + (v,) * len(axes) + (1,) for v in (2, stride, dilation))
 
@@ -97,6 +100,8 @@ def avg_pool_2x2(x, stride: int = 2, dilation: int = 1):
         return jax.lax.reduce_window(v, np.zeros((), v.dtype), jax.lax.add, window, strides, pad,
                                      window_dilation=window_dilation)
 
+    if stride == 1 and dilated_pool == 'timm':
+        return window_sum(x) / 2 ** len(axes)
     return window_sum(x) / window_sum(jnp.ones(x.shape[:-1] + (1,), x.dtype))
 
 
@@ -190,7 +195,7 @@ class ResidualBlock(nn.Module):
 
         f = h
         if d.se_ratio:
-            f = SqueezeExcite(max(1, round(out_features * d.se_ratio)), dtype, name='se')(f)
+            f = SqueezeExcite(d.se_width(out_features), dtype, name='se')(f)
         if d.branch_init == 'skipinit':
             f = f * scalar('branch_gain', 0.0)
         if self.drop_path_rate:
@@ -255,7 +260,7 @@ class ResidualBlock(nn.Module):
         if d.shortcut == 'C' or (reshaped and d.shortcut in ('B', 'D')):
             s, stride = projection_input, self.stride
             if d.shortcut == 'D' and downsamples:
-                s, stride = avg_pool_2x2(s, stride, self._first_dilation), 1
+                s, stride = avg_pool_2x2(s, stride, self._first_dilation, d.dilated_pool), 1
             s = conv(out_features, 1, stride, name='shortcut_conv', dtype=d.compute_dtype, dims=dims)(s)
             if d.branch_ends_with_norm:
                 s = norm_layer(d, train, 'shortcut_norm')(s)

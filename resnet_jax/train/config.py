@@ -156,7 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.best_mode = 'max'
     c.nonfinite = 'stop'               # a NaN/Inf loss or gradient: 'stop' the run, or 'skip' the update
     c.resume_allow_changes = ()        # fields allowed to differ from the stored config on resume
-    c.init_from = ''                   # a new run starts from 'checkpoint:<workdir>' or 'torchvision:<file>'
+    c.init_from = ''                   # a new run starts from 'checkpoint:<workdir>', 'torchvision:<file>' or 'timm:<file>'
     c.init_head = 'keep'               # init_from's classifier head: 'keep' (its shape must fit) or 'replace' (fresh)
     c.finetune = ml_collections.ConfigDict()  # see resnet_jax/train/finetune.py
     c.finetune.freeze = ()             # regexes on parameter paths ('params/stem_.*', 'params/stage1_.*')
@@ -320,9 +320,9 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
     _check_choice('best_metric', config.best_metric, EVAL_METRICS)
     if config.best_metric.startswith('ema_') and not config.optim.ema_decay:
         _fail('best_metric', f'{config.best_metric} needs EMA parameters (optim.ema_decay > 0)')
-    if config.init_from and not config.init_from.startswith(('checkpoint:', 'torchvision:')):
-        _fail('init_from', f"{config.init_from!r}: use 'checkpoint:<workdir or step dir>' or "
-                           "'torchvision:<file.pth or .safetensors>'")
+    if config.init_from and not config.init_from.startswith(('checkpoint:', 'torchvision:', 'timm:')):
+        _fail('init_from', f"{config.init_from!r}: use 'checkpoint:<workdir or step dir>', "
+                           "'torchvision:<file.pth or .safetensors>' or 'timm:<file.pth or .safetensors>'")
     if config.init_from and not os.path.exists(config.init_from.partition(':')[2]):
         _fail('init_from', f'{config.init_from.partition(":")[2]} does not exist')
     _check_data(config.data)
