@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from test_train import run_module
 
 from resnet_jax import export
+from resnet_jax.cli import UserError
 from resnet_jax.models import from_timm, from_torchvision, get_model, timm_model, to_timm, to_torchvision
 from resnet_jax.models.timm_import import TIMM_MODELS, timm_name, timm_table
 from resnet_jax.torch_reference import randomize_, reference_resnet, reference_timm
@@ -188,5 +189,5 @@ def test_init_from_timm_and_export_to_timm_from_the_command_line(tmp_path):
     with pytest.raises(ValueError, match=r"torchvision-named weights fit only .* this model has \{'se_ratio': 0\.25, "
                                          r"'stem': 'deep'\}"):
         export.export(str(workdir), str(tmp_path / 'tv.safetensors'), format='torchvision')
-    with pytest.raises(ValueError, match=r'--format=timm writes safetensors; name the file <name>\.safetensors'):
+    with pytest.raises(UserError, match=r'--format=timm writes safetensors; name the file <name>\.safetensors'):
         export.export(str(workdir), str(tmp_path / 'model.pth'), format='timm')
