@@ -36,7 +36,8 @@ def export(workdir: str, out: str, step: int | None = None, ema: bool = False) -
         f.write(serialization.to_bytes(variables))
     info = {'model': config.model.name, 'overrides': dict(config_lib.model_overrides(config),
                                                           num_classes=run.model.num_classes),
-            'image_size': config.data.image_size, 'mean': list(run.mean), 'std': list(run.std),
+            'image_size': config.data.image_size, 'mean': np.asarray(run.mean).tolist(),
+            'std': np.asarray(run.std).tolist(),
             'step': restored.step, 'ema': ema, 'dataset': config.data.dataset}
     with open(f'{out}.json', 'w') as f:
         json.dump(info, f, indent=2, default=list)

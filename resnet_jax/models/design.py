@@ -28,6 +28,9 @@ PREACT_PLACEMENTS = ('preact', 'relu_preact')
 # a scalar branch gain initialised at zero (SkipInit / ReZero), or Fixup.
 BRANCH_INITS = ('standard', 'zero_gamma', 'skipinit', 'fixup')
 NORMS = ('batch', 'group', 'none')
+# The running variance BatchNorm keeps for evaluation: n/(n-1) times the batch variance (PyTorch, Caffe,
+# Torch7) or the batch variance itself (Flax's default).
+BN_RUNNING_VARS = ('unbiased', 'biased')
 ACTIVATIONS = {
     'relu': nn.relu,
     'gelu': nn.gelu,
@@ -78,6 +81,9 @@ class BlockDesign:
     drop_path_rate: stochastic depth; block l of L drops its branch with rate * l / L.
     se_ratio: squeeze-and-excitation hidden width as a fraction of the channels (0 = off).
     norm, norm_groups: 'batch', 'group' (with norm_groups groups) or 'none'.
+    bn_group_size: BatchNorm statistics over consecutive groups of this many examples (ghost BN,
+      as unsynchronised per-GPU BN computes them); 0: over the whole batch.
+    bn_running_var: 'unbiased' or 'biased', the variance BatchNorm's running average keeps.
     activation: a name from ACTIVATIONS.
     dtype: compute dtype; parameters stay float32.
     """
@@ -99,6 +105,8 @@ class BlockDesign:
     se_ratio: float = 0.0
     norm: str = 'batch'
     norm_groups: int = 32
+    bn_group_size: int = 0
+    bn_running_var: str = 'unbiased'
     activation: str = 'relu'
     dtype: str = 'float32'
 
@@ -109,6 +117,10 @@ class BlockDesign:
         check_choice('placement', self.placement, PLACEMENTS)
         check_choice('branch_init', self.branch_init, BRANCH_INITS)
         check_choice('norm', self.norm, NORMS)
+        check_choice('bn_running_var', self.bn_running_var, BN_RUNNING_VARS)
+        if self.bn_group_size < 0 or (self.bn_group_size and self.norm != 'batch'):
+            raise ValueError(f'bn_group_size={self.bn_group_size!r} must be >= 0 (0: the whole batch) and is only '
+                             f"used with norm='batch' (got norm={self.norm!r})")
         check_choice('activation', self.activation, tuple(ACTIVATIONS))
         check_choice('dtype', self.dtype, tuple(DTYPES))
         for field in ('dropout_rate', 'drop_path_rate', 'skip_dropout'):
