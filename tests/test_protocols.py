@@ -16,7 +16,7 @@ import torch
 
 from helpers import tiny_config
 from resnet_jax import results
-from resnet_jax.data import augment, pipeline, sources
+from resnet_jax.data import arrays, augment, pipeline, sources
 from resnet_jax.models import get_model
 from resnet_jax.models.resnet import BatchNorm
 from resnet_jax.train import config as config_lib, optim
@@ -85,6 +85,25 @@ def test_crop_padding_equals_numpy_pad_on_host_and_device(mode):
         expected = padded[dy:dy + 6, dx:dx + 5][:, ::-1 if flip else 1]
         np.testing.assert_array_equal(augment.cifar_crop_flip_host(images[i], dy, dx, bool(flip), mode), expected)
         np.testing.assert_array_equal(device[i], expected)
+
+
+def test_every_feed_crops_with_the_configured_padding():
+    """The in-memory feeds' train step and the stream feed's records pass data.pad_mode on."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    config = tiny_config(**{'data.pad_mode': 'reflect'})
+    key = jax.random.key(5)
+    x, _ = preprocess(key, {'image': images, 'label': np.zeros(4, np.int32)}, config, 4, (0.0,) * 3, (1.0,) * 3)
+    np.testing.assert_allclose(x, np.asarray(augment.cifar_augment(key, jnp.asarray(images), 'reflect')) / 255.0,
+                               atol=1e-6)
+    assert not np.allclose(x, np.asarray(augment.cifar_augment(key, jnp.asarray(images), 'zero')) / 255.0)
+    ds = arrays.ArrayDataset(images, np.zeros(4, np.int32), 10)
+    record = pipeline.TrainRecord(ds, 4, 4, 0, 'cifar', 8, 'error', seed=0, pad_mode='reflect')
+    index = arrays.indices_at(4, 0, np.array([2]))[0]  # element 2: step 0, position 2
+    expected = augment.cifar_augment_host(np.random.default_rng([0, 1, 0, 2]), images[index], 'reflect')
+    np.testing.assert_array_equal(record(2)['image'], expected)
+    zero = augment.cifar_augment_host(np.random.default_rng([0, 1, 0, 2]), images[index], 'zero')
+    assert not np.array_equal(expected, zero)  # the draw shows padding, so the mode is seen
 
 
 def test_pad_after_normalize_pads_with_the_mean():
