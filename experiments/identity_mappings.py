@@ -13,6 +13,12 @@ lr 0.01 for the first 400 iterations on every net. The paper reports the median 
 use ',seeds=5'. get_config's argument is the model: 'resnet110' (option A shortcuts) or
 'preact_resnet164' (bottlenecks, projection shortcuts), changed by the sweep's overrides.
 
+Protocol: experiments/cifar10.py's schedule with what the authors' code (a fork of
+fb.resnet.torch) does: per-channel mean/std normalisation then zero padding, Nesterov momentum,
+all 50k training images, BatchNorm over each GPU's 64 (2 GPUs), lr 0.01 for the first 400
+iterations on every net. Deviations that remain: the JPEG copy of CIFAR-10; one device replaces
+2 GPUs (the BN groups reproduce their statistics, running statistics average them); seeds.
+
 Table 1 sweep, eleven rows on ResNet-110 (expected test error %, REFERENCE_NUMBERS.md; "fail" =
 above 20%): original 6.61; constant scaling shortcut 0 / branch 1 fail, 0.5 / 1 fail,
 0.5 / 0.5 12.35; exclusive gating with gate bias init 0 fail, -6 8.70, -7 9.81; shortcut-only
@@ -31,6 +37,18 @@ import os
 from resnet_jax.sweep import options, product, seeds
 from resnet_jax.train.config import from_file
 
+
+def authors_code(c):
+    """What He et al.'s code for the Identity Mappings paper (a fork of fb.resnet.torch) does where the
+    paper says no more than "as in [ResNet]": per-channel mean/std normalisation, then zero padding for
+    the crop (fb.resnet.torch's ColorNormalize before RandomCrop(32, 4)), Nesterov momentum
+    (fb.resnet.torch's optimState), all 50k training images; 2 GPUs x 64 per BatchNorm (the paper)."""
+    c.data.normalize = 'per_channel'
+    c.data.pad_after_normalize = True
+    c.data.validation_split = 0
+    c.optim.nesterov = True
+    c.model.bn_group_size = 64
+
 CIFAR10 = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cifar10.py')
 TABLE1 = [
     {'model.skip': 'identity'},
@@ -47,6 +65,7 @@ PLACEMENTS = ('post', 'bn_after_add', 'relu_before_add', 'relu_preact', 'preact'
 
 def get_config(arg: str = 'resnet110'):
     c = from_file(f'{CIFAR10}:{arg}')
+    authors_code(c)
     c.optim.warmup = 'constant'  # every CIFAR run of the paper: lr 0.01 for 400 iterations
     c.optim.warmup_steps = 400
     c.optim.warmup_factor = 0.1

@@ -7,9 +7,12 @@
     python -m resnet_jax.results runs/imagenet --metric=eval/top1,eval/top5
 
 Recipe: SGD momentum 0.9, lr 0.1 per 256 images scaled linearly with the batch
-(optim.scale_lr_by_batch), a 5-epoch linear warm-up (from 0, as common implementations do;
-the paper starts at 0.1), lr /10 at epochs 30, 60 and 80, 90 epochs, weight decay 1e-4 not
-on BatchNorm parameters and biases, zero-init of the last BN scale of every residual branch
+(optim.scale_lr_by_batch), a 5-epoch linear warm-up from 0.1 to the scaled rate
+(optim.warmup='linear_from_base'), lr /10 at epochs 30, 60 and 80, 90 epochs, weight decay
+1e-4 on every parameter but BatchNorm's scale and bias (optim.decay_exclude; the classifier
+bias is decayed), BatchNorm statistics over groups of 32 images as on each of the paper's GPUs
+(model.bn_group_size=32, at every total batch), the classifier drawn from N(0, 0.01^2)
+(model.head_init_std), zero-init of the last BN scale of every residual branch
 (branch_init='zero_gamma'), Inception-style random-resized crops and flips at 224, a 224
 centre crop of the image resized to 256 for evaluation, bfloat16 compute. Data: TFDS
 'imagenet2012' prepared as ArrayRecord (README, "Preparing TFDS datasets"), read by the
@@ -20,6 +23,11 @@ gpu1 = 1 GPU, batch 256; gpu8 = 8 GPUs (one node), 2,048; gpu32 = 32 GPUs, 8,192
 paper's large-batch setting); tpu_v4_32 = a v4-32 slice (16 chips), 4,096. The number of
 processes and devices comes from the launch (SLURM tasks, TPU workers), not from here.
 The sweep: resnet18/34/50/101/152 on the given hardware, over ',seeds=N' seeds.
+
+Deviations that remain from the paper: bfloat16 compute (the paper: float32); images decoded
+from TFDS's JPEGs with PIL (bilinear, antialiased resize) instead of Caffe2's OpenCV; the
+global batch follows the hardware profile (the paper: 256 to 8k on 8 to 256 GPUs); running
+statistics average the groups instead of keeping one GPU's; seeds differ.
 
 Expected top-1 error % (REFERENCE_NUMBERS.md): ResNet-50 23.60 at batch 256 and 23.74 at
 8k (Goyal et al.); torchvision's V1 weights, trained with a similar 90-epoch recipe, reach
@@ -63,10 +71,12 @@ def get_config(arg: str = 'resnet50,hardware=gpu8'):
     c.optim.scale_lr_by_batch = True
     c.optim.momentum = 0.9
     c.optim.weight_decay = 1e-4
-    c.optim.decay_norm_and_bias = False
+    c.optim.decay_exclude = (r'params/.*norm[0-9]*/(scale|bias)',)  # BN's gamma and beta only
+    c.model.bn_group_size = 32           # BatchNorm statistics per 32 images, as per GPU in the paper
+    c.model.head_init_std = 0.01         # the 1000-way classifier ~ N(0, 0.01^2)
     c.optim.schedule = 'piecewise'
     c.optim.boundary_epochs = (30.0, 60.0, 80.0)
-    c.optim.warmup = 'linear'
+    c.optim.warmup = 'linear_from_base'  # from 0.1 (the batch-256 rate) to 0.1 x batch / 256
     c.optim.warmup_epochs = 5.0
     c.eval_every_steps = 5 * epoch
     c.checkpoint_every_steps = epoch

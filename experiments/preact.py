@@ -13,6 +13,12 @@ CIFAR-10 is the JPEG folder (/tmp/cifar10); CIFAR-100 is TFDS 'cifar100' prepare
 ArrayRecord (README, "Preparing TFDS datasets"). The sweep is {164, 1001} x {CIFAR-10,
 CIFAR-100}, over ',seeds=N' seeds.
 
+Like identity_mappings.py it follows the authors' fb.resnet.torch code where the paper is silent:
+per-channel mean/std normalisation then zero padding, Nesterov momentum, all 50k training
+images, BatchNorm over each GPU's 64 of 128. Deviations that remain: the JPEG copy of
+CIFAR-10; one device replaces 2 GPUs (BN groups reproduce their statistics, running statistics
+average them); seeds.
+
 Expected test error % (REFERENCE_NUMBERS.md): ResNet-164 pre-act 5.46 (CIFAR-10) / 24.33
 (CIFAR-100); ResNet-1001 pre-act (10.2M parameters) 4.92 / 22.71.
 Hardware: one GPU per run; ResNet-1001 is deep (333 blocks) but small, so add
@@ -24,14 +30,16 @@ about 25 min, ResNet-1001 about 2 h; the sweep about 5 h per seed, one run after
 import os
 
 from resnet_jax.sweep import options, product, seeds
-from resnet_jax.train.config import from_file
+from resnet_jax.train.config import config_module, from_file
 
 CIFAR10 = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cifar10.py')
+authors_code = config_module(os.path.join(os.path.dirname(CIFAR10), 'identity_mappings.py')).authors_code
 
 
 def get_config(arg: str = 'preact_resnet164'):
     model, opts = options(arg, 'preact_resnet164', dataset='cifar10')
     c = from_file(f"{CIFAR10}:{model},dataset={opts['dataset']}")
+    authors_code(c)
     c.optim.warmup = 'constant'
     c.optim.warmup_steps = 400
     c.optim.warmup_factor = 0.1

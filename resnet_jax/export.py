@@ -69,7 +69,8 @@ def export(workdir: str, out: str, step: int | None = None, ema: bool = False, f
         _torch_format(format)[1](variables, run.model, out)
     info = {'model': config.model.name, 'overrides': dict(config_lib.model_overrides(config),
                                                           num_classes=run.model.num_classes),
-            'image_size': config.data.image_size, 'mean': list(run.mean), 'std': list(run.std),
+            'image_size': config.data.image_size, 'mean': np.asarray(run.mean).tolist(),
+            'std': np.asarray(run.std).tolist(),
             'step': restored.step, 'ema': ema, 'dataset': config.data.dataset}
     if format != 'flax':  # the torch model takes the same normalisation, on NCHW images
         from resnet_jax.models.timm_import import timm_name

@@ -2,8 +2,11 @@
 
 Collects every run of a sweep (from `sweep.json` and each run's `metrics.jsonl`) into one
 table: a row per configuration, the runs that differ only in `seed` averaged (mean ± sample
-standard deviation), columns for the overrides that vary, the final and best value of each
-metric (accuracies shown as error in %), the steps done and the runs' states. Writes
+standard deviation), columns for the overrides that vary, the final value of each metric
+(accuracies shown as error in %), the steps done and the runs' states. Nothing is selected on
+the test split: where the runs held out validation examples (data.validation_split, logged as
+'val/*'), a second column gives each 'eval/*' metric at the step where its 'val/*' twin was
+best, labelled 'at best val/...'; without them there is no such column. Writes
 `results.md`, `results.csv` and `curves.png` (training loss and the first metric against
 step, a line per configuration, dashed where the label matches --dashed) into the sweep
 directory and prints the Markdown.
@@ -38,7 +41,8 @@ def collect(sweep_dir: str) -> list[dict]:
     name, workdir, overrides (as in get_sweep, 'arg' included), state ('finished' | 'unfinished' |
     'new'), step (the last training step logged, 0 before any), history {metric: [(step, value)]}
     (a step logged twice by a resumed run keeps its later value; non-finite values are left out),
-    final {metric: last value} and best {metric: max for accuracies, min otherwise}.
+    final {metric: last value}, selected {metric: its value at the step `selected` chooses on the
+    held-out validation metric, where the run logged one} and selected_step {metric: that step}.
     """
     definition, runs = sweep_lib.load(sweep_dir)
     records = []
@@ -50,13 +54,36 @@ def collect(sweep_dir: str) -> list[dict]:
                     if key != 'step' and value is not None:
                         series.setdefault(key, {})[record['step']] = value
         history = {key: sorted(values.items()) for key, values in series.items()}
+        chosen = {key: selected(history, key) for key in history}
         records.append({
             'name': run.name, 'workdir': run.workdir, 'overrides': entry, 'state': sweep_lib.run_state(run.workdir),
             'step': max(series.get('train/loss', {0: None})), 'history': history,
             'final': {key: points[-1][1] for key, points in history.items()},
-            'best': {key: (max if is_accuracy(key) else min)(v for _, v in points) for key, points in history.items()},
+            'selected': {key: c[1] for key, c in chosen.items() if c},
+            'selected_step': {key: c[0] for key, c in chosen.items() if c},
         })
     return records
+
+
+def validation_metric(metric: str) -> str | None:
+    """The held-out metric that selects where `metric` is read: 'val/top1' for 'eval/top1' and for itself,
+    'ema_val/...' for 'ema_eval/...'; None for the rest (training metrics)."""
+    prefix, _, name = metric.partition('/')
+    held_out = {'eval': 'val', 'val': 'val', 'ema_eval': 'ema_val', 'ema_val': 'ema_val'}.get(prefix)
+    return f'{held_out}/{name}' if held_out else None
+
+
+def selected(history: dict, metric: str) -> tuple[int, float] | None:
+    """(step, value of `metric` there) at the logged step where validation_metric(metric) was best (highest
+    accuracy, lowest loss; the earliest of equals), or None where the run logged no such metric."""
+    by = validation_metric(metric)
+    values = dict(history.get(metric, ()))
+    candidates = [(step, v) for step, v in history.get(by, ()) if step in values]
+    if not candidates:
+        return None
+    sign = -1 if is_accuracy(by) else 1
+    step = min(candidates, key=lambda c: (sign * c[1], c[0]))[0]
+    return step, values[step]
 
 
 def _display(metric: str, value: float) -> float:
@@ -64,7 +91,15 @@ def _display(metric: str, value: float) -> float:
 
 
 def _column(metric: str, kind: str) -> str:
+    if kind == 'selected':
+        kind = f'at best {validation_metric(metric)}'
     return f'{metric} error % ({kind})' if is_accuracy(metric) else f'{metric} ({kind})'
+
+
+def _columns(rows: list[dict], metrics: list[str]) -> list[tuple[str, str]]:
+    """(metric, kind) of the table's value columns: 'final' for each metric, 'selected' where some run has it."""
+    return [(m, kind) for m in metrics for kind in ('final', 'selected')
+            if kind == 'final' or any(row['stats'][m, kind][2] for row in rows)]
 
 
 def summarize(records: list[dict], metrics: list[str]) -> tuple[list[str], list[dict]]:
@@ -81,7 +116,7 @@ def summarize(records: list[dict], metrics: list[str]) -> tuple[list[str], list[
     for label, group in groups.items():
         stats = {}
         for metric in metrics:
-            for kind in ('final', 'best'):
+            for kind in ('final', 'selected'):
                 values = [_display(metric, r[kind][metric]) for r in group if metric in r[kind]]
                 stats[metric, kind] = (float(np.mean(values)) if values else math.nan,
                                        float(np.std(values, ddof=1)) if len(values) > 1 else math.nan, len(values))
@@ -110,14 +145,14 @@ def _format(mean: float, std: float, n: int, digits: int) -> str:
 
 def markdown(varying: list[str], rows: list[dict], metrics: list[str]) -> str:
     header = [('config' if k == sweep_lib.ARG else k) for k in varying] or ['configuration']
-    header += ['runs'] + [_column(m, kind) for m in metrics for kind in ('final', 'best')] + ['steps', 'state']
+    columns = _columns(rows, metrics)
+    header += ['runs'] + [_column(m, kind) for m, kind in columns] + ['steps', 'state']
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for row in rows:
         cells = [_override(row['values'][k], '–') for k in varying] or [row['label']]
         cells.append(str(row['runs']))
-        for metric in metrics:
-            for kind in ('final', 'best'):
-                cells.append(_format(*row['stats'][metric, kind], 2 if is_accuracy(metric) else 4))
+        for metric, kind in columns:
+            cells.append(_format(*row['stats'][metric, kind], 2 if is_accuracy(metric) else 4))
         cells += [row['steps'], row['state']]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
@@ -126,12 +161,12 @@ def markdown(varying: list[str], rows: list[dict], metrics: list[str]) -> str:
 def to_csv(varying: list[str], rows: list[dict], metrics: list[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
+    columns = _columns(rows, metrics)
     writer.writerow([*(varying or ['configuration']), 'runs',
-                     *(f'{_column(m, kind)} {s}' for m in metrics for kind in ('final', 'best')
-                       for s in ('mean', 'std')),
+                     *(f'{_column(m, kind)} {s}' for m, kind in columns for s in ('mean', 'std')),
                      'steps', 'state'])
     for row in rows:
-        stats = [v for m in metrics for kind in ('final', 'best') for v in row['stats'][m, kind][:2]]
+        stats = [v for m, kind in columns for v in row['stats'][m, kind][:2]]
         writer.writerow([*([_override(row['values'][k], '') for k in varying] or [row['label']]), row['runs'],
                          *('' if math.isnan(v) else f'{v:.6g}' for v in stats), row['steps'], row['state']])
     return out.getvalue()
@@ -184,7 +219,9 @@ def report(sweep_dir: str, metrics: list[str], dashed: str = DEFAULT_DASHED) -> 
         raise ValueError(f'--metric: no run logged {", ".join(missing)}; the runs logged: {", ".join(sorted(logged))}')
     varying, rows = summarize(records, metrics)
     text = (f'Sweep `{definition["config"]}`: {len(records)} runs, {len(rows)} configurations; '
-            'mean ± sample standard deviation over the runs that differ only in seed.\n\n'
+            'mean ± sample standard deviation over the runs that differ only in seed. "final": at the last '
+            'step; "at best val/...": at the step where the held-out validation metric was best '
+            '(data.validation_split). Nothing is selected on the test split.\n\n'
             + markdown(varying, rows, metrics) + '\n')
     with open(os.path.join(sweep_dir, RESULTS_MD), 'w') as f:
         f.write(text)

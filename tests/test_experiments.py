@@ -98,7 +98,8 @@ def test_sweeps_build_the_published_models():
                                                                  for d in (20, 32, 44, 56, 110))
     assert count(*table6['resnet110,seed=0']) == 1_727_962
     table1 = sweep_models('experiments/identity_mappings.py:table1')
-    assert len(table1) == 11 and table1['resnet110,skip=identity,seed=0'] == ('resnet110', {'skip': 'identity'})
+    assert len(table1) == 11 and table1['resnet110,skip=identity,seed=0'] == ('resnet110', {'skip': 'identity',
+                                                                                        'bn_group_size': 64})
     # A bare 1x1 conv on every shortcut (Fig. 2e): 54 blocks of C x C kernels for C = 16, 32, 64, where
     # the first block of stages 2 and 3 maps C/2 -> C.
     convs = 18 * 16 * 16 + 17 * 32 * 32 + 16 * 32 + 17 * 64 * 64 + 32 * 64

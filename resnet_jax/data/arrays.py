@@ -48,6 +48,13 @@ class ArrayDataset:
         std = np.sqrt(squares.astype(np.float64) / n - mean ** 2)
         return tuple((mean / 255.0).tolist()), tuple((std / 255.0).tolist())
 
+    def pixel_mean(self) -> np.ndarray:
+        """The mean image (H, W, C) in [0, 1], float32: He et al.'s per-pixel mean, from exact integer sums."""
+        total = np.zeros(self.images.shape[1:], np.uint64)
+        for start in range(0, len(self.images), 4096):
+            total += self.images[start:start + 4096].sum(0, dtype=np.uint64)
+        return (total.astype(np.float64) / len(self.images) / 255.0).astype(np.float32)
+
 
 def generated(config, split: str) -> ArrayDataset:
     """The generated 'shapes' or 'synthetic' split at data.image_size, of data.num_train/num_eval examples."""

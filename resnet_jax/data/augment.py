@@ -19,6 +19,9 @@ import numpy as np
 from resnet_jax.cli import UserError
 
 CIFAR_PAD = 4
+# How the CIFAR crop pads the image, as numpy.pad modes: black (He et al.) or mirrored without repeating the
+# edge (Zagoruyko & Komodakis's script); jnp.pad computes the same pixels on the device.
+PAD_MODES = {'zero': 'constant', 'reflect': 'reflect'}
 
 
 # ---- host, one example at a time -----------------------------------------------------------
@@ -54,17 +57,18 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(_as_pil(image).resize((size, size), Image.BILINEAR))
 
 
-def cifar_crop_flip_host(image: np.ndarray, offset_y: int, offset_x: int, flip: bool) -> np.ndarray:
-    """The crop at (offset_y, offset_x) of the image zero-padded by 4, mirrored if `flip`."""
+def cifar_crop_flip_host(image: np.ndarray, offset_y: int, offset_x: int, flip: bool,
+                         pad_mode: str = 'zero') -> np.ndarray:
+    """The crop at (offset_y, offset_x) of the image padded by 4 (`PAD_MODES`), mirrored if `flip`."""
     h, w, _ = image.shape
-    padded = np.pad(image, [(CIFAR_PAD, CIFAR_PAD), (CIFAR_PAD, CIFAR_PAD), (0, 0)])
+    padded = np.pad(image, [(CIFAR_PAD, CIFAR_PAD), (CIFAR_PAD, CIFAR_PAD), (0, 0)], mode=PAD_MODES[pad_mode])
     crop = padded[offset_y:offset_y + h, offset_x:offset_x + w]
     return np.ascontiguousarray(crop[:, ::-1] if flip else crop)
 
 
-def cifar_augment_host(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+def cifar_augment_host(rng: np.random.Generator, image: np.ndarray, pad_mode: str = 'zero') -> np.ndarray:
     offset_y, offset_x = rng.integers(0, 2 * CIFAR_PAD + 1, 2)
-    return cifar_crop_flip_host(image, int(offset_y), int(offset_x), bool(rng.random() < 0.5))
+    return cifar_crop_flip_host(image, int(offset_y), int(offset_x), bool(rng.random() < 0.5), pad_mode)
 
 
 def inception_crop_box(rng: np.random.Generator, height: int, width: int, scale=(0.08, 1.0),
@@ -113,12 +117,13 @@ def center_crop_host(image: np.ndarray, size: int, crop_fraction: float) -> np.n
     return resized[top:top + size, left:left + size]
 
 
-def train_view(rng: np.random.Generator, image: np.ndarray, augment: str, size: int) -> np.ndarray:
+def train_view(rng: np.random.Generator, image: np.ndarray, augment: str, size: int,
+               pad_mode: str = 'zero') -> np.ndarray:
     """A decoded training image as the 'stream' feed hands it to the step: size x size, augmented."""
     if augment == 'inception':
         return inception_augment_host(rng, image, size)
     image = resize(image, size)
-    return cifar_augment_host(rng, image) if augment == 'cifar' else image
+    return cifar_augment_host(rng, image, pad_mode) if augment == 'cifar' else image
 
 
 def eval_view(image: np.ndarray, augment: str, size: int, crop_fraction: float) -> np.ndarray:
@@ -129,14 +134,16 @@ def eval_view(image: np.ndarray, augment: str, size: int, crop_fraction: float) 
 # ---- device, whole batches under jit -------------------------------------------------------
 
 def normalize(images, mean, std):
-    """uint8 NHWC images to float32, standardised per channel."""
+    """uint8 NHWC images to float32 in [0, 1], minus `mean` (per channel (C,), or per pixel (H, W, C)),
+    divided by `std` (per channel)."""
     return (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean)) / jnp.asarray(std)
 
 
-def cifar_crop_flip(images, offsets, flips):
-    """`cifar_crop_flip_host` for a batch: offsets (N, 2) into the 4-padded images, flips (N,)."""
+def cifar_crop_flip(images, offsets, flips, pad_mode: str = 'zero'):
+    """`cifar_crop_flip_host` for a batch (uint8 or already normalised): offsets (N, 2) into the 4-padded
+    images, flips (N,)."""
     n, h, w, c = images.shape
-    padded = jnp.pad(images, [(0, 0), (CIFAR_PAD, CIFAR_PAD), (CIFAR_PAD, CIFAR_PAD), (0, 0)])
+    padded = jnp.pad(images, [(0, 0), (CIFAR_PAD, CIFAR_PAD), (CIFAR_PAD, CIFAR_PAD), (0, 0)], mode=PAD_MODES[pad_mode])
 
     def one(image, offset, flip):
         crop = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
@@ -145,11 +152,12 @@ def cifar_crop_flip(images, offsets, flips):
     return jax.vmap(one)(padded, offsets, flips)
 
 
-def cifar_augment(rng, images):
-    """He et al.'s CIFAR augmentation: zero-pad by 4, random crop back, random horizontal flip."""
+def cifar_augment(rng, images, pad_mode: str = 'zero'):
+    """He et al.'s CIFAR augmentation: pad by 4 (zeros, or `pad_mode`), random crop back, random
+    horizontal flip."""
     crop_rng, flip_rng = jax.random.split(rng)
     offsets = jax.random.randint(crop_rng, (images.shape[0], 2), 0, 2 * CIFAR_PAD + 1)
-    return cifar_crop_flip(images, offsets, jax.random.bernoulli(flip_rng, 0.5, (images.shape[0],)))
+    return cifar_crop_flip(images, offsets, jax.random.bernoulli(flip_rng, 0.5, (images.shape[0],)), pad_mode)
 
 
 def on_device(config) -> str:

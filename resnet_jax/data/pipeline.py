@@ -31,11 +31,25 @@ from resnet_jax.data import arrays, augment, sources
 STATS_SAMPLE = 1024  # images from which a streamed dataset's channel mean/std are estimated
 
 
-def open_split(config, split: str):
-    """The records of `split` as the feed reads them: decoded into memory, or lazily for 'stream'."""
+def open_split(config, split: str, held_out: bool = False):
+    """The records of `split` as the feed reads them: decoded into memory, or lazily for 'stream';
+    held_out: the data.validation_split examples carved from it (`sources.open_source`)."""
     if config.data.feed == 'stream':
-        return sources.open_source(config, split)
-    return sources.load(config, split)
+        return sources.open_source(config, split, held_out)
+    return sources.load(config, split, held_out)
+
+
+def normalization(config, source) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) that `augment.normalize` applies, from the training split only: per channel
+    (`channel_stats`), or with data.normalize='per_pixel_mean' the mean training image (H, W, 3) in
+    [0, 1] and a std of 1 (He et al. 2016). Both are exact functions of the training images, so a
+    resumed run and `evaluate` recompute the same values."""
+    if config.data.normalize == 'per_pixel_mean':
+        if not isinstance(source, arrays.ArrayDataset):  # validate() refuses this before any data is read
+            raise ValueError("config.data.normalize='per_pixel_mean' needs data.feed 'host' or 'device'")
+        return source.pixel_mean(), np.ones(3, np.float32)
+    mean, std = channel_stats(config, source)
+    return np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
 
 def channel_stats(config, source) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -117,7 +131,7 @@ def train_iterator(config, source, mesh=None, start_step: int = 0, process_index
                                                                  process_count), order, start_step)
     local = batch // process_count
     record = TrainRecord(source, batch, local, process_index * local, d.augment, d.image_size, d.on_corrupt,
-                         seed=config.seed)
+                         seed=config.seed, pad_mode=d.pad_mode)
     return BatchIterator(lambda start: _grain_batches(record, start * local, None, local, d.workers), order,
                          start_step)
 
@@ -152,6 +166,7 @@ class _Records:
 class TrainRecord(_Records):
     """Training element k: decoded, augmented with draws from (seed, step, position)."""
     seed: int
+    pad_mode: str = 'zero'
 
     def __call__(self, k: int) -> dict:
         step, i = divmod(k, self.local_batch)
@@ -159,7 +174,8 @@ class TrainRecord(_Records):
         index = arrays.indices_at(len(self.source), self.seed, np.array([step * self.global_batch + position]))[0]
         image, label, skipped = sources.read(self.source, int(index), self.on_corrupt)
         rng = np.random.default_rng([self.seed, 1, step, position])
-        return {'image': augment.train_view(rng, image, self.augment, self.size), 'label': np.int32(label),
+        return {'image': augment.train_view(rng, image, self.augment, self.size, self.pad_mode),
+                'label': np.int32(label),
                 'skipped': np.int32(skipped)}
 
 

@@ -199,9 +199,31 @@ class Subset:
         return self.source.name(int(self.indices[i]))
 
 
-def open_source(config, split: str):
-    """The records of `split` of `config.data.dataset`; `data.train_subset` trims the training split."""
+def validation_indices(num_examples: int, held_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) indices, sorted and disjoint, of a training split of `num_examples`:
+    `held_out` of them drawn at random, fixed by the two sizes alone (the same for every seed, so
+    runs that differ in seed are selected on the same examples)."""
+    if not 0 < held_out < num_examples:
+        raise ValueError(f'config.data.validation_split: {held_out} must be between 1 and {num_examples - 1}, '
+                         f'leaving training examples of the {num_examples} in the training split')
+    order = np.random.default_rng([num_examples, held_out, 0x7a1]).permutation(num_examples)
+    return np.sort(order[held_out:]), np.sort(order[:held_out])
+
+
+def _take(source, indices: np.ndarray):
+    if isinstance(source, arrays.ArrayDataset):
+        return arrays.ArrayDataset(source.images[indices], source.labels[indices], source.num_classes)
+    return Subset(source, indices)
+
+
+def open_source(config, split: str, held_out: bool = False):
+    """The records of `split` of `config.data.dataset`. From the training split, data.validation_split
+    examples are held out (`validation_indices`; held_out=True returns them instead), and
+    data.train_subset trims what remains."""
     d = config.data
+    if held_out and (split != d.train_split or not d.validation_split):
+        raise ValueError(f'held-out examples come from the training split {d.train_split!r} with '
+                         f'data.validation_split > 0, not from {split!r} with {d.validation_split}')
     check_dataset_name(d.dataset)
     if d.dataset in ('shapes', 'synthetic'):
         source = arrays.generated(config, split)
@@ -210,6 +232,11 @@ def open_source(config, split: str):
         source = FolderSource.scan(os.path.join(root, split), os.path.join(root, d.train_split))
     else:
         source = TfdsSource(d.dataset[len('tfds:'):], split, d.tfds_data_dir)
+    if split == d.train_split and d.validation_split:
+        train, validation = validation_indices(len(source), d.validation_split)
+        source = _take(source, validation if held_out else train)
+        if held_out:
+            return source
     if split == d.train_split and 0 < d.train_subset < len(source):
         # Fixed by the subset size alone, so runs with different seeds train on the same examples.
         indices = np.sort(np.random.default_rng([d.train_subset, 0x5b5e7]).permutation(len(source))[:d.train_subset])
@@ -247,10 +274,11 @@ def read(source, i: int, on_corrupt: str, size: int | None = None):
     raise ValueError(f'no record of {len(source)} could be decoded')
 
 
-def load(config, split: str) -> arrays.ArrayDataset:
-    """`split` decoded into memory at data.image_size (resized where it differs); unreadable files
-    raise an error naming them, or with data.on_corrupt='skip' are left out and counted."""
-    source = open_source(config, split)
+def load(config, split: str, held_out: bool = False) -> arrays.ArrayDataset:
+    """`split` (its held-out part, see `open_source`) decoded into memory at data.image_size (resized
+    where it differs); unreadable files raise an error naming them, or with data.on_corrupt='skip'
+    are left out and counted."""
+    source = open_source(config, split, held_out)
     if isinstance(source, arrays.ArrayDataset):
         return source
     size = config.data.image_size

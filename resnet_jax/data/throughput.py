@@ -33,7 +33,7 @@ def measure(config, batches: int, warmup: int, split: str | None = None) -> dict
     mesh, rng = sharding.make_mesh(config), jax.random.key(0)
     start = time.perf_counter()
     source = pipeline.open_split(config, split or config.data.train_split)
-    mean, std = pipeline.channel_stats(config, source)
+    mean, std = pipeline.normalization(config, source)
     batches_it = pipeline.train_iterator(config, source, mesh)
 
     def prepare(batch, step):

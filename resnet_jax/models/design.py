@@ -33,6 +33,9 @@ NORMS = ('batch', 'group', 'none')
 # the window dilated like the stage's first conv and padding not counted, so that the dilated
 # network computes the strided one on a finer grid.
 DILATED_POOLS = ('timm', 'a_trous')
+# The running variance BatchNorm keeps for evaluation: n/(n-1) times the batch variance (PyTorch, Caffe,
+# Torch7) or the batch variance itself (Flax's default).
+BN_RUNNING_VARS = ('unbiased', 'biased')
 ACTIVATIONS = {
     'relu': nn.relu,
     'gelu': nn.gelu,
@@ -86,6 +89,9 @@ class BlockDesign:
       halves up, and at least this (timm's make_divisible; its SE-ResNets use 8).
     dilated_pool: a ResNet-D shortcut's pool where a stride became dilation, one of DILATED_POOLS.
     norm, norm_groups: 'batch', 'group' (with norm_groups groups) or 'none'.
+    bn_group_size: BatchNorm statistics over consecutive groups of this many examples (ghost BN,
+      as unsynchronised per-GPU BN computes them); 0: over the whole batch.
+    bn_running_var: 'unbiased' or 'biased', the variance BatchNorm's running average keeps.
     activation: a name from ACTIVATIONS.
     dtype: compute dtype; parameters stay float32.
     """
@@ -109,6 +115,8 @@ class BlockDesign:
     dilated_pool: str = 'timm'
     norm: str = 'batch'
     norm_groups: int = 32
+    bn_group_size: int = 0
+    bn_running_var: str = 'unbiased'
     activation: str = 'relu'
     dtype: str = 'float32'
 
@@ -120,6 +128,10 @@ class BlockDesign:
         check_choice('branch_init', self.branch_init, BRANCH_INITS)
         check_choice('norm', self.norm, NORMS)
         check_choice('dilated_pool', self.dilated_pool, DILATED_POOLS)
+        check_choice('bn_running_var', self.bn_running_var, BN_RUNNING_VARS)
+        if self.bn_group_size < 0 or (self.bn_group_size and self.norm != 'batch'):
+            raise ValueError(f'bn_group_size={self.bn_group_size!r} must be >= 0 (0: the whole batch) and is only '
+                             f"used with norm='batch' (got norm={self.norm!r})")
         check_choice('activation', self.activation, tuple(ACTIVATIONS))
         check_choice('dtype', self.dtype, tuple(DTYPES))
         for field in ('dropout_rate', 'drop_path_rate', 'skip_dropout'):

@@ -16,7 +16,7 @@ second implementation of the network.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -61,12 +61,66 @@ def conv(features: int, kernel, stride=1, groups: int = 1, *, name: str, dtype: 
                    bias_init=bias_init, dtype=dtype, name=name)
 
 
+class BatchNorm(nn.Module):
+    """BatchNorm over the channels (last axis) with PyTorch's momentum 0.1 and epsilon 1e-5, Flax's
+    arithmetic (statistics in float32, var = E[x^2] - E[x]^2) and Flax's variable names ('scale',
+    'bias'; 'mean', 'var'), so checkpoints and torchvision weights load unchanged.
+
+    group_size > 0 is ghost BatchNorm (Hoffer et al. 2017): the batch is reshaped to (groups,
+    group_size, ...) and each group is normalised by its own statistics, which is what unsynchronised
+    BatchNorm computes with group_size examples per GPU (He et al.'s 2 GPUs x 64, Goyal et al.'s 32
+    per GPU). A reshape is exact under jit whatever the sharding of the batch axis, and when the group
+    size divides the per-device batch no group spans devices, so normalising needs no communication.
+    The running averages follow the mean over groups of each group's statistics (PyTorch's
+    DistributedDataParallel keeps rank 0's, one group's: the same expectation, more noise). With
+    `unbiased`, each group's variance enters them times n / (n - 1), n its values per channel (PyTorch).
+    """
+
+    use_running_average: bool
+    group_size: int = 0
+    unbiased: bool = True
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = None
+    scale_init: Callable = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        scale = self.param('scale', self.scale_init, (channels,), jnp.float32)
+        bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
+        running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros(channels, jnp.float32))
+        running_var = self.variable('batch_stats', 'var', lambda: jnp.ones(channels, jnp.float32))
+        if self.use_running_average:
+            y = (x - running_mean.value) * (scale * jax.lax.rsqrt(running_var.value + self.epsilon)) + bias
+            return y.astype(self.dtype or x.dtype)
+        n = x.shape[0]
+        size = self.group_size or n
+        if n % size:
+            raise ValueError(f'a batch of {n} examples does not split into BatchNorm groups of {size} '
+                             '(model.bn_group_size); use a batch that it divides')
+        groups = x.reshape((n // size, size) + x.shape[1:])
+        axes = tuple(range(1, groups.ndim - 1))
+        x32 = groups.astype(jnp.float32)
+        mean = x32.mean(axes, keepdims=True)
+        var = jnp.maximum(0.0, jnp.square(x32).mean(axes, keepdims=True) - jnp.square(mean))
+        y = (groups - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+        if not self.is_initializing():
+            count = groups[0].size // channels
+            correction = count / max(count - 1, 1) if self.unbiased else 1.0
+            m = self.momentum
+            running_mean.value = m * running_mean.value + (1 - m) * mean.reshape(-1, channels).mean(0)
+            running_var.value = m * running_var.value + (1 - m) * correction * var.reshape(-1, channels).mean(0)
+        return y.reshape(x.shape).astype(self.dtype or x.dtype)
+
+
 def norm_layer(design: BlockDesign, train: bool, name: str, zero_scale: bool = False):
     """The configured normalisation, or the identity when the design has none."""
     scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
     if design.norm == 'batch':
-        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                            dtype=design.compute_dtype, scale_init=scale_init, name=name)
+        return BatchNorm(use_running_average=not train, group_size=design.bn_group_size,
+                         unbiased=design.bn_running_var == 'unbiased', dtype=design.compute_dtype,
+                         scale_init=scale_init, name=name)
     if design.norm == 'group':
         return nn.GroupNorm(num_groups=design.norm_groups, epsilon=1e-5,
                             dtype=design.compute_dtype, scale_init=scale_init, name=name)
@@ -288,6 +342,8 @@ class ResNet(nn.Module):
       replace_stride_with_dilation). `output_strides` lists the allowed values.
     output: 'logits'; 'features', a dict {'C<k>': stage output} for detection/segmentation heads, with
       strides in `feature_strides` (no head parameters); or 'pooled', the (N, C) vector the head reads.
+    head_init_std: 0 initialises the classifier kernel as PyTorch's nn.Linear does; > 0 draws it from
+      N(0, head_init_std^2) (Goyal et al. and fb.resnet.torch: 0.01). Its bias starts at zero either way.
     """
 
     num_classes: int = 1000
@@ -300,6 +356,7 @@ class ResNet(nn.Module):
     spatial_dims: int = 2
     output_stride: int | None = None
     output: str = 'logits'
+    head_init_std: float = 0.0
     design: BlockDesign = BlockDesign()
 
     def __post_init__(self):
@@ -316,6 +373,9 @@ class ResNet(nn.Module):
         for field in ('num_classes', 'stem_width', 'width_multiplier'):
             if getattr(self, field) < 1:
                 raise ValueError(f'{field}={getattr(self, field)!r} must be a positive integer')
+        if self.head_init_std < 0 or (self.head_init_std and self.design.branch_init == 'fixup'):
+            raise ValueError(f'head_init_std={self.head_init_std!r} must be >= 0 (0: PyTorch\'s default), and 0 '
+                             "with branch_init='fixup', whose head starts at zero")
         if min(self.stage_sizes) < 1 or min(self.widths) < 1:
             raise ValueError(f'stage_sizes={tuple(self.stage_sizes)} and widths={tuple(self.widths)} '
                              'must hold positive integers')
@@ -421,7 +481,8 @@ class ResNet(nn.Module):
             x = x + self.param('head_bias_in', nn.initializers.zeros, (), jnp.float32).astype(x.dtype)
         if self.output == 'pooled':
             return x.astype(jnp.float32)
-        head_init = nn.initializers.zeros if fixup else dense_init
+        head_init = nn.initializers.zeros if fixup else (
+            nn.initializers.normal(self.head_init_std) if self.head_init_std else dense_init)
         x = nn.Dense(self.num_classes, kernel_init=head_init, dtype=d.compute_dtype, name='head')(x)
         return x.astype(jnp.float32)
 

@@ -21,6 +21,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from resnet_jax.cli import UserError
+from resnet_jax.data.augment import PAD_MODES
 from resnet_jax.data.sources import check_dataset_name
 from resnet_jax.models.design import BlockDesign, check_choice
 from resnet_jax.models.registry import PRESETS, close_matches, get_model
@@ -28,14 +29,15 @@ from resnet_jax.train import finetune
 
 OPTIMIZERS = ('sgd', 'lars', 'adamw')
 SCHEDULES = ('piecewise', 'cosine', 'constant')
-WARMUPS = ('linear', 'constant')
+WARMUPS = ('linear', 'constant', 'linear_from_base')
 DECAY_TYPES = ('l2', 'decoupled')
 AUGMENTATIONS = ('none', 'cifar', 'inception')
 FEEDS = ('host', 'device', 'stream')
 ON_CORRUPT = ('error', 'skip')
 NONFINITE = ('stop', 'skip')
 BEST_MODES = ('max', 'min')
-EVAL_METRICS = ('eval/top1', 'eval/top5', 'eval/loss', 'ema_eval/top1', 'ema_eval/top5', 'ema_eval/loss')
+EVAL_METRICS = tuple(f'{p}/{m}' for p in ('eval', 'ema_eval', 'val', 'ema_val') for m in ('top1', 'top5', 'loss'))
+NORMALIZATIONS = ('per_channel', 'per_pixel_mean')
 # Fields a resumed run may change without --config.resume_allow_changes: they do not alter what
 # is computed (num_steps/num_epochs extend or shorten the run, and change schedules that depend on it).
 SAFE_TO_CHANGE = ('log_every_steps', 'progress_seconds', 'eval_every_steps', 'eval_batch_size',
@@ -53,7 +55,7 @@ RANGES = {
     'keep_best_checkpoints': '[0, inf)', 'peak_tflops_per_device': '(0, inf)',
     'data.image_size': '[1, inf)', 'data.train_subset': '[0, inf)', 'data.eval_crop_fraction': '(0, 1]',
     'data.mixup_alpha': '[0, inf)', 'data.cutmix_alpha': '[0, inf)', 'data.mean': '[0, 1]', 'data.std': '(0, inf)',
-    'data.workers': '[0, inf)', 'data.num_train': '[1, inf)', 'data.num_eval': '[1, inf)',
+    'data.workers': '[0, inf)', 'data.validation_split': '[0, inf)', 'data.num_train': '[1, inf)', 'data.num_eval': '[1, inf)',
     'optim.lr': '(0, inf)', 'optim.momentum': '[0, 1)', 'optim.b1': '[0, 1)', 'optim.b2': '[0, 1)',
     'optim.eps': '(0, inf)', 'optim.lars_trust_coefficient': '(0, inf)', 'optim.weight_decay': '[0, inf)',
     'optim.boundaries': '[1, inf)', 'optim.boundary_epochs': '(0, inf)', 'optim.decay_factor': '(0, inf)',
@@ -61,6 +63,7 @@ RANGES = {
     'optim.label_smoothing': '[0, 1)', 'optim.grad_clip_norm': '[0, inf)', 'optim.ema_decay': '[0, 1)',
     'mesh.fsdp_min_size': '[0, inf)', 'finetune.layer_lr_decay': '(0, 1]',
     'model.num_classes': '[2, inf)',  # one class is no classification
+    'model.head_init_std': '(0, inf)',
 }
 
 
@@ -81,6 +84,7 @@ def _model_section() -> ml_collections.ConfigDict:
     model.width_multiplier = config_dict.placeholder(int)
     model.remat = config_dict.placeholder(bool)
     model.output_stride = config_dict.placeholder(int)  # None: natural; smaller dilates the last stages
+    model.head_init_std = config_dict.placeholder(float)  # > 0: classifier kernel ~ N(0, std^2) (Goyal et al.: 0.01)
     return model
 
 
@@ -104,6 +108,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.cutmix_alpha = 0.0          # > 0: CutMix; with both set, each batch uses one of them
     c.data.mean = config_dict.placeholder(tuple)  # per-channel, in [0, 1]; None: measured on the data
     c.data.std = config_dict.placeholder(tuple)
+    c.data.normalize = 'per_channel'   # 'per_channel': (x - mean) / std; 'per_pixel_mean': x minus the mean
+                                       # training image (He et al. 2016; in-memory feeds)
+    c.data.pad_mode = 'zero'           # the 'cifar' crop's padding: 'zero' or 'reflect' (numpy.pad's modes)
+    c.data.pad_after_normalize = False # True: normalise, then pad (zero = the mean; fb.resnet.torch); in-memory feeds
+    c.data.validation_split = 0        # > 0: hold out this many training examples, evaluated as 'val/*'
     c.data.workers = 0                 # 'stream' feed: Grain worker processes (0: threads of this process)
     c.data.on_corrupt = 'error'        # an unreadable image: 'error' names it, 'skip' leaves it out and counts it
     c.data.num_train = 10_000          # sizes of the generated 'shapes' and 'synthetic' sets
@@ -128,13 +137,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 1e-4
     c.optim.decay_type = 'l2'          # 'l2': added to the gradient as in the papers; 'decoupled'
     c.optim.decay_norm_and_bias = True # False excludes norm scales/biases, biases and scalars
+    c.optim.decay_exclude = ()         # regexes on parameter paths ('params/.*norm[0-9]*/(scale|bias)'): no decay
     c.optim.schedule = 'piecewise'
     c.optim.boundaries = ()            # steps where piecewise multiplies lr by decay_factor
     c.optim.boundary_epochs = ()       # the same in epochs (the papers' units); use one of the two
     c.optim.decay_factor = 0.1
     c.optim.warmup_steps = 0
     c.optim.warmup_epochs = 0.0
-    c.optim.warmup = 'linear'          # 'linear' from 0, or 'constant' at lr * warmup_factor (ResNet-110)
+    c.optim.warmup = 'linear'          # 'linear' from 0, 'constant' at lr * warmup_factor (ResNet-110), or
+                                       # 'linear_from_base' from the unscaled optim.lr (Goyal et al.)
     c.optim.warmup_factor = 0.1
     c.optim.label_smoothing = 0.0
     c.optim.grad_clip_norm = 0.0       # 0 = off
@@ -326,6 +337,9 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
     if config.init_from and not os.path.exists(config.init_from.partition(':')[2]):
         _fail('init_from', f'{config.init_from.partition(":")[2]} does not exist')
     _check_data(config.data)
+    if config.best_metric.split('/')[0] in ('val', 'ema_val') and not config.data.validation_split:
+        _fail('best_metric', f'{config.best_metric} needs held-out examples (data.validation_split > 0)')
+    _check_decay_exclude(config)
     _check_finetune(config)
     for pattern, rule in config.mesh.param_rules:
         _check_choice('mesh.param_rules', rule, PARAM_RULES)
@@ -356,6 +370,11 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
         if config[field] % shards:
             _fail(field, f'{config[field]} is not divisible by the {shards} data shards '
                          f'(mesh data={data} x fsdp={fsdp}); use a multiple of {shards}')
+    group, local = model.design.bn_group_size, config.batch_size // shards
+    if group and (config.batch_size % group or (local % group and group % local)):
+        _fail('model.bn_group_size', f'BatchNorm groups of {group} must split the batch of {config.batch_size} and '
+                                     f'never straddle its {shards} data shards of {local}: use a divisor of {local}, '
+                                     f'or a multiple of it that divides {config.batch_size} (groups of whole shards)')
 
     if num_train is not None:
         if config.data.feed == 'device' and config.batch_size > num_train // shards * shards:
@@ -425,6 +444,35 @@ def _check_data(d) -> None:
     for field in ('mean', 'std'):
         if d[field] is not None and len(d[field]) != 3:
             _fail(f'data.{field}', f'needs one value per RGB channel, got {d[field]}')
+    _check_choice('data.normalize', d.normalize, NORMALIZATIONS)
+    _check_choice('data.pad_mode', d.pad_mode, tuple(PAD_MODES))
+    in_memory = "needs an in-memory feed (data.feed 'host' or 'device'); the 'stream' feed"
+    if d.normalize == 'per_pixel_mean':
+        if d.feed == 'stream':
+            _fail('data.normalize', f"'per_pixel_mean' {in_memory} would have to read every training image first")
+        if d.mean is not None:
+            _fail('data.mean', "data.mean/data.std are per-channel values for data.normalize='per_channel'")
+    if (d.pad_mode != 'zero' or d.pad_after_normalize) and d.augment != 'cifar':
+        _fail('data.pad_mode', f"pad_mode and pad_after_normalize set the 'cifar' crop; data.augment is {d.augment!r}")
+    if d.pad_after_normalize and d.feed == 'stream':
+        _fail('data.pad_after_normalize', f'{in_memory} crops uint8 images on the host, before normalising')
+
+
+def _check_decay_exclude(config) -> None:
+    """optim.decay_exclude: regular expressions, each matching some parameter of the model."""
+    patterns = config.optim.decay_exclude
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            _fail('optim.decay_exclude', f'{pattern!r} is not a regular expression: {e}')
+    if not patterns:
+        return
+    params = finetune.variable_names(get_model(config.model.name, **model_overrides(config)),
+                                     config.data.image_size)['params']
+    for pattern in finetune.unmatched(patterns, params):
+        _fail('optim.decay_exclude', f'{pattern!r} matches no parameter of {config.model.name}. Patterns are '
+                                     f'fullmatched against paths such as {", ".join(params[:3])}, {params[-1]}')
 
 
 def _check_choice(field, value, allowed):

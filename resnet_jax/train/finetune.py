@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import optax
 
+from resnet_jax.models.resnet import BatchNorm
+
 FREEZE_BATCH_STATS = ('none', 'frozen', 'all')
 HEAD = 'params/head/'
 _BLOCK = re.compile(r'params/stage(\d+)_block(\d+)/')
@@ -113,7 +115,7 @@ def train_apply(model, config):
     def batch_norm(next_fun, args, kwargs, context):
         """A training-mode BatchNorm to freeze runs as its eval-mode twin on the same variables."""
         module = context.module
-        if isinstance(module, nn.BatchNorm) and context.method_name == '__call__' and \
+        if isinstance(module, BatchNorm) and context.method_name == '__call__' and \
                 not module.use_running_average and eval_mode(context):
             twin = module.clone(parent=None, use_running_average=True)
             return twin.apply({k: module.variables[k] for k in ('params', 'batch_stats')}, *args, **kwargs)

@@ -59,6 +59,9 @@ class Run:
         self.config = config
         self.train_data = pipeline.open_split(config, config.data.train_split)
         self.eval_data = pipeline.open_split(config, config.data.eval_split)
+        # data.validation_split: examples held out of the training split, evaluated as 'val/*' beside 'eval/*'.
+        self.val_data = pipeline.open_split(config, config.data.train_split, held_out=True) \
+            if config.data.validation_split else None
         num_train = len(self.train_data)
         config_lib.validate(config, len(devices), num_train)
         overrides = config_lib.model_overrides(config)
@@ -71,7 +74,7 @@ class Run:
         self.num_steps = config_lib.total_steps(config, num_train)
         self.optimizer = optim.make_optimizer(config, num_train)
         self.schedule = optim.lr_schedule(config, num_train)
-        self.mean, self.std = pipeline.channel_stats(config, self.train_data)
+        self.mean, self.std = pipeline.normalization(config, self.train_data)
         self.init = functools.partial(step_lib.create_state, self.model, self.optimizer,
                                       image_size=config.data.image_size, ema=config.optim.ema_decay > 0)
         state_shapes = jax.eval_shape(self.init, jax.random.key(0))
@@ -113,15 +116,19 @@ class Run:
         return batches, lambda: sharding.global_batch(next(batches), self.mesh)
 
     def evaluate(self, state) -> dict[str, float]:
-        """Loss, top-1 and top-5 over the whole evaluation split, and the same for EMA parameters."""
-        results = self._evaluate(state, use_ema=False, prefix='eval')
-        if self.config.optim.ema_decay:
-            results.update(self._evaluate(state, use_ema=True, prefix='ema_eval'))
+        """Loss, top-1 and top-5 over the whole evaluation split ('eval/*') and the held-out validation
+        examples ('val/*'), and the same for EMA parameters ('ema_eval/*', 'ema_val/*')."""
+        results = {}
+        for prefix, data in (('eval', self.eval_data), ('val', self.val_data)):
+            if data is not None:
+                results.update(self._evaluate(state, data, use_ema=False, prefix=prefix))
+                if self.config.optim.ema_decay:
+                    results.update(self._evaluate(state, data, use_ema=True, prefix=f'ema_{prefix}'))
         return results
 
-    def _evaluate(self, state, use_ema: bool, prefix: str) -> dict[str, float]:
+    def _evaluate(self, state, data, use_ema: bool, prefix: str) -> dict[str, float]:
         totals = None
-        for batch in pipeline.eval_batches(self.config, self.eval_data, jax.process_index(), jax.process_count()):
+        for batch in pipeline.eval_batches(self.config, data, jax.process_index(), jax.process_count()):
             out = self.eval_step(state, sharding.global_batch(batch, self.mesh), use_ema)
             totals = out if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, out)
         totals = jax.device_get(totals)

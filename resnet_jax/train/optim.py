@@ -3,10 +3,14 @@
 Weight decay comes in the two forms the literature uses: 'l2' adds wd * w to the gradient
 before momentum (the ResNet papers' "weight decay 1e-4"), 'decoupled' adds it to the update
 after momentum/Adam scaling (SGDW/AdamW). Either can skip norm parameters, biases and
-scalar gains, which are the parameters with fewer than two dimensions.
+scalar gains, which are the parameters with fewer than two dimensions (decay_norm_and_bias=False),
+and the parameters named by the regular expressions of optim.decay_exclude (Goyal et al.: the BN
+scales and biases only, not the classifier bias).
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import optax
@@ -34,6 +38,8 @@ def lr_schedule(config, num_train: int) -> optax.Schedule:
         return main
     if o.warmup == 'linear':
         ramp = optax.linear_schedule(0.0, lr, warmup)
+    elif o.warmup == 'linear_from_base':  # Goyal et al. 2.2: from the batch-256 rate to the scaled one
+        ramp = optax.linear_schedule(o.lr, lr, warmup)
     else:  # He et al.'s ResNet-110: a low constant lr until training gets going
         ramp = optax.constant_schedule(lr * o.warmup_factor)
     return optax.join_schedules([ramp, main], [warmup])
@@ -44,10 +50,26 @@ def decay_mask(params):
     return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
+def weight_decay_mask(config):
+    """The mask function of the parameters that get weight decay under config.optim, or None for all:
+    multi-dimensional ones unless decay_norm_and_bias, minus those whose path ('params/a/b/kernel')
+    fullmatches a pattern of decay_exclude."""
+    o = config.optim
+    patterns = [re.compile(p) for p in o.decay_exclude]
+    if o.decay_norm_and_bias and not patterns:
+        return None
+
+    def decayed(path, p):
+        name = 'params/' + jax.tree_util.keystr(path, simple=True, separator='/')
+        return (o.decay_norm_and_bias or p.ndim > 1) and not any(q.fullmatch(name) for q in patterns)
+
+    return lambda params: jax.tree_util.tree_map_with_path(decayed, params)
+
+
 def make_optimizer(config, num_train: int) -> optax.GradientTransformation:
     o = config.optim
     schedule = lr_schedule(config, num_train)
-    mask = None if o.decay_norm_and_bias else decay_mask
+    mask = weight_decay_mask(config)
     decay = optax.add_decayed_weights(o.weight_decay, mask) if o.weight_decay else optax.identity()
     l2, decoupled = (decay, optax.identity()) if o.decay_type == 'l2' else (optax.identity(), decay)
     if o.name == 'sgd':

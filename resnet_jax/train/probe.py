@@ -108,11 +108,11 @@ def probe_eval(head_params, data, *, head, num_classes: int) -> dict[str, jax.Ar
             'top5': (step_lib.topk_correct(logits, labels, k) * mask).sum(), 'count': mask.sum()}
 
 
-def _means(totals) -> dict[str, float]:
-    """eval/* means from `probe_eval`'s sums, divided on the host as `Run.evaluate` divides them."""
+def _means(totals, prefix: str = 'eval') -> dict[str, float]:
+    """<prefix>/* means from `probe_eval`'s sums, divided on the host as `Run.evaluate` divides them."""
     totals = jax.device_get(totals)
     count = float(totals.pop('count'))
-    return {f'eval/{k}': float(v) / count for k, v in totals.items()}
+    return {f'{prefix}/{k}': float(v) / count for k, v in totals.items()}
 
 
 def train_head(run: Run, state, manager, workdir: str) -> dict[str, float]:
@@ -125,7 +125,10 @@ def train_head(run: Run, state, manager, workdir: str) -> dict[str, float]:
                                           print_fn=functools.partial(print, flush=True) if lead else (lambda *_: None))
     try:
         t0 = time.perf_counter()
-        train, evaluation = features(run, state, run.train_data), features(run, state, run.eval_data)
+        train = features(run, state, run.train_data)
+        # The test split as 'eval/*' and the held-out training examples (data.validation_split) as 'val/*'.
+        evaluation = {prefix: features(run, state, data) for prefix, data in
+                      (('eval', run.eval_data), ('val', run.val_data)) if data is not None}
         jax.block_until_ready((train, evaluation))
         writer.write(start, {'probe/feature_seconds': time.perf_counter() - t0,
                              'probe/feature_dim': train['features'].shape[-1]})
@@ -136,6 +139,11 @@ def train_head(run: Run, state, manager, workdir: str) -> dict[str, float]:
                           in_shardings=(run.state_sharding, data, repl), out_shardings=(run.state_sharding, repl),
                           donate_argnums=0)
         eval_fn = jax.jit(functools.partial(probe_eval, head=head, num_classes=classes))
+
+        def evaluate(state):
+            return {k: v for prefix, data in evaluation.items()
+                    for k, v in _means(eval_fn(state.params['head'], data), prefix).items()}
+
         num_train = len(run.train_data)
         final, pending, skipped = {}, [], 0
         for step in range(start, run.num_steps):
@@ -159,7 +167,7 @@ def train_head(run: Run, state, manager, workdir: str) -> dict[str, float]:
                 pending = []
             results = None
             if done % config.eval_every_steps == 0 or last:
-                results = _means(eval_fn(state.params['head'], evaluation))
+                results = evaluate(state)
                 writer.write(done, results)
                 if lead:
                     print(f'step {done}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()), flush=True)
@@ -168,7 +176,7 @@ def train_head(run: Run, state, manager, workdir: str) -> dict[str, float]:
                 meta = {'config': json.loads(config_lib.to_json(config)), 'metrics': final, 'skipped_updates': skipped}
                 manager.save(done, state, {'step': done}, meta, metrics=results)  # the order is (seed, step)
         if start >= run.num_steps:  # a finished probe: report, change nothing
-            final = _means(eval_fn(state.params['head'], evaluation))
+            final = evaluate(state)
             writer.write(run.num_steps, final)
     finally:
         manager.close()

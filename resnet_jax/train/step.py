@@ -48,12 +48,16 @@ def topk_correct(logits, labels, k: int):
 
 
 def preprocess(rng, batch, config, num_classes: int, mean, std):
-    """(normalised images, soft targets) of a uint8 batch: the feed's on-device augmentation,
-    label smoothing, then mixup/CutMix."""
-    images = batch['image']
-    if augment.on_device(config) == 'cifar':
-        images = augment.cifar_augment(rng, images)
+    """(normalised images, soft targets) of a uint8 batch: the feed's on-device augmentation (the CIFAR
+    crop pads before normalising, or after it with data.pad_after_normalize), label smoothing, then
+    mixup/CutMix."""
+    d = config.data
+    crop = augment.on_device(config) == 'cifar'
+    images = augment.cifar_augment(rng, batch['image'], d.pad_mode) if crop and not d.pad_after_normalize \
+        else batch['image']
     x = augment.normalize(images, mean, std)
+    if crop and d.pad_after_normalize:
+        x = augment.cifar_augment(rng, x, d.pad_mode)
     targets = jax.nn.one_hot(batch['label'], num_classes)
     if config.optim.label_smoothing:
         targets = optax.smooth_labels(targets, config.optim.label_smoothing)
