@@ -38,7 +38,7 @@ import numpy as np
 from absl import flags
 
 from resnet_jax.train import config as config_lib
-from resnet_jax.train.loop import DONE_FILE
+from resnet_jax.workdir import DONE_FILE
 
 ARG = 'arg'               # the override key that selects get_config's argument
 SWEEP_FILE = 'sweep.json'

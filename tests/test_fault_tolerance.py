@@ -21,7 +21,8 @@ from resnet_jax import checkpoint
 from resnet_jax.checkpoint import read_numpy, saved_steps
 from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train.config import ConfigError
-from resnet_jax.train.loop import PREEMPTED_EXIT_CODE, NonFiniteError, Run, train_and_evaluate
+from resnet_jax.train.loop import NonFiniteError, Run, train_and_evaluate
+from resnet_jax.workdir import PREEMPTED_EXIT_CODE
 
 RUN_TIMEOUT = 300
 
@@ -128,7 +129,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog)
         restored = manager.restore(run.abstract_state)
     manager.close()
     assert restored.step == 4 and int(restored.state.step) == 4
-    assert f'{directory}/8 cannot be read and is skipped' in caplog.text
+    assert f'{directory}/8 is damaged' in caplog.text
     # The run then continues from step 4 and rewrites step 8.
     train_and_evaluate(config, str(tmp_path))
     assert run_starts(tmp_path) == [0, 4]
