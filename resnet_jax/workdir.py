@@ -288,20 +288,24 @@ class Stopped(SystemExit):
 class StopSignals:
     """SIGTERM, SIGUSR1 (SLURM's pre-emption warnings) and Ctrl-C, from the first instruction of a command.
 
-    Until `recording()` (set when training has something new to save), a signal ends the process at
-    once by raising `Stopped`. Afterwards it is recorded in `received` and the loop stops after the
-    current step, saving first. A second Ctrl-C aborts at once (KeyboardInterrupt, exit 130).
+    Until `recording()` (called when training is about to make something new to save), a signal ends
+    the process at once by raising `Stopped`; where Python swallows that exception (a handler that
+    ran inside a garbage-collection callback), `recording()` raises it instead. Afterwards a signal
+    is recorded in `received` and the loop stops after the current step, saving first. A second
+    Ctrl-C aborts at once (KeyboardInterrupt, exit 130).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.received, self._record, self._previous, self._interrupts = None, False, {}, 0
+        self._unraisable_hook = None
 
     def install(self) -> StopSignals:
         self.received, self._record, self._interrupts = None, False, 0
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._unraisable_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     @property
@@ -312,6 +316,8 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+        if self._unraisable_hook is not None:
+            sys.unraisablehook, self._unraisable_hook = self._unraisable_hook, None
 
     def release(self, sig: int) -> None:
         """Hand `sig` back to its previous handler (JAX's pre-emption notifier owns SIGTERM in a
@@ -319,8 +325,11 @@ class StopSignals:
         if sig in self._previous:
             signal.signal(sig, self._previous.pop(sig))
 
-    def recording(self, on: bool = True) -> None:
-        self._record = on
+    def recording(self) -> None:
+        """From now on record signals; raise Stopped for one that came before and was swallowed."""
+        if self.received and not self._record:
+            raise Stopped(self.received)
+        self._record = True
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
@@ -332,6 +341,10 @@ class StopSignals:
         self.received = self.received or name
         if not self._record:
             raise Stopped(name)
+
+    def _unraisable(self, unraisable) -> None:
+        if not isinstance(unraisable.exc_value, Stopped):  # a Stopped swallowed here is raised by `recording`
+            self._unraisable_hook(unraisable)
 
 
 # The process's one set of handlers: installed by the train command at its first instruction, read by

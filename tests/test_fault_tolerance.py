@@ -17,7 +17,7 @@ from helpers import tiny_config
 from test_multihost import ROOT, TINY, cli_env, processes, start_multiprocess  # noqa: F401 (fixture)
 from test_train import run_module
 
-from resnet_jax import checkpoint
+from resnet_jax import checkpoint, workdir
 from resnet_jax.checkpoint import read_numpy, saved_steps
 from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train.config import ConfigError
@@ -105,6 +105,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(processes, 
     procs = start_multiprocess(processes, tmp_path, long)
     while not run_starts(tmp_path) and all(p.poll() is None for p in procs):
         time.sleep(0.1)
+    assert workdir.holder(str(tmp_path))['pid'] == procs[0].pid  # one lock for the whole run, held by process 0
     time.sleep(3.0)
     procs[1].send_signal(signal.SIGTERM)
     for proc in procs:

@@ -69,7 +69,11 @@ def main(argv):
     except workdir_lib.Stopped as e:
         print(f'stopped by {e.signal_name} before training had anything new to save; run the same command '
               'again to continue', file=sys.stderr, flush=True)
-        sys.exit(workdir_lib.PREEMPTED_EXIT_CODE)
+        # The lock and files are closed; the interrupted library work (a compilation, a restore) may
+        # still have threads that crash the interpreter's shutdown, so skip it.
+        py_logging.shutdown()
+        sys.stdout.flush()
+        os._exit(workdir_lib.PREEMPTED_EXIT_CODE)
     except workdir_lib.WorkdirBusy as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(workdir_lib.BUSY_EXIT_CODE)
