@@ -43,6 +43,7 @@ import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from etils.epath import gpath
 from jax.experimental import multihost_utils
 
@@ -219,13 +220,16 @@ class Manager:
         cannot be read though intact."""
         where = f'{self.directory}/{s}'
         summed = verify(os.path.join(self.directory, str(s)))
+        handler = ocp.PyTreeCheckpointHandler()
         try:
-            saved = ocp.PyTreeCheckpointer().metadata(os.path.join(self.directory, str(s), 'state')).item_metadata
+            saved = handler.metadata(epath.Path(self.directory, str(s), 'state'))
         except Exception as e:  # noqa: BLE001 (Orbax raises many kinds)
             if summed:
                 raise CheckpointError(f'checkpoint {where}: its tree cannot be read though its files are intact '
                                       f'({type(e).__name__}: {_first_line(e)})') from None
             raise Damaged(f'its tree cannot be read ({type(e).__name__}: {_first_line(e)})') from None
+        finally:
+            handler.close()
         check_fits(saved.tree if hasattr(saved, 'tree') else saved, abstract_state, where)
         try:
             items = self._manager.restore(s, args=ocp.args.Composite(

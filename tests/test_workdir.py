@@ -26,7 +26,7 @@ from resnet_jax.train.config import ConfigError
 from resnet_jax.train.loop import train_and_evaluate
 
 
-def trained(run) -> bool:
+def training_ran(run) -> bool:
     """A training step was logged (the loop runs, so a signal now is recorded and saved)."""
     return os.path.exists(os.path.join(run, workdir.METRICS_FILE)) and any(
         'train/loss' in r for r in metrics_lib.read_metrics(str(run)))
@@ -88,15 +88,30 @@ def launch_options():
 
 # ------------------------------------------------------------------------------------------- restore
 
+CONFIG = {'checkpoint_every_steps': 4}  # checkpoints 4 and 8
+
+
+@pytest.fixture(scope='module')
+def trained_once(tmp_path_factory):
+    path = tmp_path_factory.mktemp('trained') / 'run'
+    train_and_evaluate(tiny_config(**CONFIG), str(path))
+    return path
+
+
+@pytest.fixture
+def trained(trained_once, tmp_path):
+    """A copy of an 8-step run with checkpoints 4 and 8 (its lock free)."""
+    return shutil.copytree(trained_once, tmp_path / 'run')
+
+
 def data_file(step_dir) -> str:
     """The largest file of a checkpoint's train state: array data."""
     files = [f for f in glob.glob(os.path.join(step_dir, 'state', '**', '*'), recursive=True) if os.path.isfile(f)]
     return max(files, key=os.path.getsize)
 
 
-def test_flipped_bytes_are_damage_and_the_run_continues_from_the_older_step(tmp_path, caplog):
-    config = tiny_config(checkpoint_every_steps=4)
-    train_and_evaluate(config, str(tmp_path))
+def test_flipped_bytes_are_damage_and_the_run_continues_from_the_older_step(trained, caplog):
+    tmp_path, config = trained, tiny_config(**CONFIG)
     target = data_file(tmp_path / 'checkpoints' / '8')
     with open(target, 'r+b') as f:  # flip 16 bytes in the middle of the array data
         f.seek(os.path.getsize(target) // 2)
@@ -111,9 +126,8 @@ def test_flipped_bytes_are_damage_and_the_run_continues_from_the_older_step(tmp_
     assert checkpoint.verify(str(tmp_path / 'checkpoints' / '8'))  # rewritten, with its sums
 
 
-def test_all_damaged_is_an_error_unless_asked_to_start_over(tmp_path):
-    config = tiny_config(checkpoint_every_steps=4)
-    train_and_evaluate(config, str(tmp_path))
+def test_all_damaged_is_an_error_unless_asked_to_start_over(trained):
+    tmp_path, config = trained, tiny_config(**CONFIG)
     for step in (4, 8):
         open(data_file(tmp_path / 'checkpoints' / str(step)), 'r+b').truncate(10)
     with pytest.raises(checkpoint.CheckpointError, match=r'every checkpoint in .* is damaged \(8: .*; 4: .*\)\. '
@@ -125,46 +139,46 @@ def test_all_damaged_is_an_error_unless_asked_to_start_over(tmp_path):
     assert len(glob.glob(str(tmp_path / 'checkpoints' / '*.damaged-*'))) == 2
 
 
-def test_a_state_that_no_longer_fits_is_an_error_naming_the_leaf_not_damage(tmp_path):
-    train_and_evaluate(tiny_config(), str(tmp_path))
-    wider = tiny_config(**{'model.widths': (8, 16, 48), 'num_steps': 12,
+def test_a_state_that_no_longer_fits_is_an_error_naming_the_leaf_not_damage(trained):
+    tmp_path = trained
+    wider = tiny_config(**CONFIG, **{'model.widths': (8, 16, 48), 'num_steps': 12,
                            'resume_allow_changes': ('model.widths',)})
     with pytest.raises(checkpoint.CheckpointError,
                        match=r'checkpoint .*/8 does not fit the model this config builds: \S+ is shape \(.*\) float32 '
                              r'in the checkpoint and shape \(.*48.*\) float32 here\. Nothing was changed'):
         train_and_evaluate(wider, str(tmp_path))
-    assert os.listdir(tmp_path / 'checkpoints') == ['8'] and run_starts(tmp_path) == [0]
+    assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4', '8'] and run_starts(tmp_path) == [0]
 
 
 def test_any_path_a_user_can_type_works(tmp_path):
     """Brackets made Orbax miss its own files (etils globs the directory name); spaces, unicode,
     `*?#%` and a long name too."""
     path = str(tmp_path / ('a [b] *?#% ü ' + 'x' * 150) / 'run [1]')
-    train_and_evaluate(tiny_config(checkpoint_every_steps=4), path)
-    train_and_evaluate(tiny_config(checkpoint_every_steps=4, num_steps=12), path)
-    assert run_starts(path) == [0, 8]
-    assert not glob.glob(glob.escape(path) + '/checkpoints/*.damaged-*')
+    train_and_evaluate(tiny_config(**CONFIG), path)
+    assert workdir.saved_steps(path) == [4, 8]
+    for step in (4, 8):
+        assert int(checkpoint.read_numpy(os.path.join(path, 'checkpoints', str(step)))['step']) == step
 
 
 # ------------------------------------------------------------------------------------------ metadata
 
-def test_garbage_or_missing_config_json_and_bad_metrics_lines(tmp_path, caplog):
-    train_and_evaluate(tiny_config(), str(tmp_path))
+def test_garbage_or_missing_config_json_and_bad_metrics_lines(trained, caplog):
+    tmp_path = trained
     stored = tmp_path / workdir.CONFIG_FILE
     text = stored.read_text()
     stored.write_text('{"batch_size": 32,')
     with pytest.raises(workdir.WorkdirError, match=rf'{stored} \(the config of the run\) is not valid JSON'):
-        train_and_evaluate(tiny_config(num_steps=12), str(tmp_path))
+        train_and_evaluate(tiny_config(**CONFIG, num_steps=12), str(tmp_path))
     stored.unlink()  # recovered from the checkpoint, and compared as usual
     with pytest.raises(ConfigError, match=r'optim.lr was 0.1, now 0.05'):
-        train_and_evaluate(tiny_config(**{'optim.lr': 0.05, 'num_steps': 12}), str(tmp_path))
+        train_and_evaluate(tiny_config(**CONFIG, **{'optim.lr': 0.05, 'num_steps': 12}), str(tmp_path))
+    bad_line = len((tmp_path / workdir.METRICS_FILE).read_text().splitlines()) + 1
     with open(tmp_path / workdir.METRICS_FILE, 'a') as f:
         f.write('{"step": 5, "train/lo\n')  # half-written by a killed run
     with caplog.at_level('WARNING'):
-        train_and_evaluate(tiny_config(num_steps=12), str(tmp_path))
+        train_and_evaluate(tiny_config(**CONFIG, num_steps=12), str(tmp_path))
     assert json.loads(stored.read_text()) == dict(json.loads(text), num_steps=12)
     assert (tmp_path / workdir.DONE_FILE).exists() and run_starts(tmp_path) == [0, 8]
-    bad_line = len(metrics_lib.read_metrics(str(tmp_path))[:4]) + 1
     assert f'{tmp_path / workdir.METRICS_FILE} line {bad_line} is not a metrics record' in caplog.text
 
 
@@ -183,7 +197,7 @@ def test_a_stop_signal_at_any_moment_exits_75(tmp_path):
                                 stderr=subprocess.STDOUT, text=True)
         try:
             if moment is None:
-                wait_for(lambda: trained(run), proc)
+                wait_for(lambda: training_ran(run), proc)
                 time.sleep(rng.uniform(0.0, 1.0))
             else:
                 time.sleep(moment)
@@ -206,7 +220,7 @@ def test_ctrl_c_once_stops_after_saving(tmp_path):
                              '--nodistributed'], cwd=ROOT, env=cli_env(1), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(lambda: trained(tmp_path), proc)
+        wait_for(lambda: training_ran(tmp_path), proc)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=RUN_TIMEOUT)
     finally:
@@ -262,11 +276,10 @@ def test_grain_workers_end_with_a_sigkilled_trainer(tmp_path):
             proc.kill()
 
 
-def test_evaluate_on_a_read_only_workdir_prints_and_says_it_could_not_record(tmp_path):
+def test_evaluate_on_a_read_only_workdir_prints_and_says_it_could_not_record(trained):
     if shutil.which('unshare') is None or subprocess.run(['unshare', '-m', 'true']).returncode != 0:
         pytest.skip('needs unshare -m (a private mount namespace) for a read-only bind mount')
-    run = tmp_path / 'run'
-    train_and_evaluate(tiny_config(), str(run))
+    run = trained
     before = (run / workdir.METRICS_FILE).read_text()
     script = (f'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && touch "$0/x" 2>/dev/null && exit 9; '
               f'exec {sys.executable} -m resnet_jax.evaluate --workdir="$0"')
