@@ -80,6 +80,8 @@ def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, float]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    if os.path.isdir(flags.FLAGS.workdir):
+        workdir_lib.quiet_terminal(flags.FLAGS.workdir)
     distributed.initialize_from_flags()
     try:
         results = evaluate_workdir(flags.FLAGS.workdir, flags.FLAGS.step)

@@ -273,6 +273,32 @@ def read_jsonl(file: str) -> list[dict]:
     return records
 
 
+# -------------------------------------------------------------------------------------------- logging
+
+# Loggers whose warnings are about probing for accelerators, not about the run: file only.
+PROBING = ('jax._src.xla_bridge',)
+
+
+def quiet_terminal(workdir: str) -> None:
+    """For a command's terminal: warnings and errors only, the INFO logging of Orbax, absl and JAX in
+    <workdir>/library.log. With --verbosity given, absl's usual terminal logging at that level."""
+    from absl import flags
+    from absl import logging as absl_logging
+
+    if flags.FLAGS['verbosity'].present:
+        return
+    terminal = absl_logging.get_absl_handler()
+    terminal.setLevel(logging.WARNING)
+    terminal.addFilter(lambda record: not record.name.startswith(PROBING))
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        file = logging.FileHandler(os.path.join(workdir, LIBRARY_LOG), encoding='utf-8')
+    except OSError:  # a read-only workdir: nowhere to keep the log
+        return
+    file.setFormatter(terminal.python_handler.formatter)
+    logging.getLogger().addHandler(file)
+
+
 # -------------------------------------------------------------------------------------------- signals
 
 class Stopped(SystemExit):

@@ -35,31 +35,10 @@ RESTART = flags.DEFINE_bool('restart_from_scratch', False, 'when every checkpoin
                             'them aside (renamed, not deleted) and train from step 0; without it that is an error')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-# Loggers whose warnings are about probing for accelerators, not about the run: file only.
-PROBING = ('jax._src.xla_bridge',)
-
-
-def quiet_terminal(workdir: str) -> None:
-    """Warnings and errors on the terminal, INFO logging in <workdir>/library.log; with --verbosity
-    given, absl's usual terminal logging at that level instead."""
-    if flags.FLAGS['verbosity'].present:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    terminal = logging.get_absl_handler()
-    terminal.setLevel(py_logging.WARNING)
-    terminal.addFilter(lambda record: not record.name.startswith(PROBING))
-    try:
-        file = py_logging.FileHandler(os.path.join(workdir, workdir_lib.LIBRARY_LOG), encoding='utf-8')
-    except OSError:  # a read-only workdir: training will say so; nothing to keep the log in
-        return
-    file.setFormatter(terminal.python_handler.formatter)
-    py_logging.getLogger().addHandler(file)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    quiet_terminal(WORKDIR.value)
+    workdir_lib.quiet_terminal(WORKDIR.value)
     distributed.initialize_from_flags()
     if jax.process_count() > 1:  # a stop must reach every process: SIGTERM through JAX's notifier only
         workdir_lib.SIGNALS.release(signal.SIGUSR1)

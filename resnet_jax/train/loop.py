@@ -143,14 +143,17 @@ class NonFiniteError(RuntimeError):
 
 
 def lock_workdir(workdir: str) -> workdir_lib.Lock | None:
-    """Process 0 takes the workdir's lock (one lock for the whole run); every process raises
-    WorkdirBusy if it could not, so none goes on alone."""
+    """Process 0 takes the workdir's lock (one lock for the whole run); if it could not, every
+    process raises (WorkdirBusy, or WorkdirError for a workdir that cannot be written), so none goes
+    on alone."""
     lock, busy = (workdir_lib.Lock(workdir), None) if jax.process_index() == 0 else (None, None)
     if lock is not None:
         try:
             lock.acquire()
         except workdir_lib.WorkdirBusy as e:
             lock, busy = None, e
+        except OSError as e:  # a read-only or missing parent directory
+            lock, busy = None, workdir_lib.WorkdirError(f'{workdir} cannot be written: {e.strerror}')
     if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(busy is None)) and busy is None:
         busy = workdir_lib.WorkdirBusy(f'{workdir} is in use by another training (process 0 could not lock it)')
     if busy is not None:
@@ -172,7 +175,7 @@ def train_and_evaluate(config, workdir: str, restart_from_scratch: bool = False)
     # A library caller's run (no handlers installed by the command) stops on signals from the loop on.
     own_signals = (not signals.installed and jax.process_count() == 1
                    and threading.current_thread() is threading.main_thread())
-    manager = writer = None
+    manager = None
     try:
         lead = jax.process_index() == 0
         manager = checkpoint.Manager(workdir_lib.checkpoints(workdir), config)
@@ -310,11 +313,12 @@ def _train(run: Run, workdir: str, manager: checkpoint.Manager, restored, signal
             saved = done % config.checkpoint_every_steps == 0 or last
             if saved:
                 save(done, results)
-            if not last and should_stop(done):
+            stopping = None if last else should_stop(done)
+            if stopping:
                 if not saved:
                     save(done, results)
                 manager.wait()
-                raise Preempted(done, should_stop(done))
+                raise Preempted(done, stopping)
     finally:
         writer.close()
     manager.wait()
