@@ -78,8 +78,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _describe(holder: dict) -> str:
-    return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} since {holder.get('since', '?')}"
-            + (f" ({holder['command']})" if holder.get('command') else ''))
+    """'pid P on host H since T' (the record's command, for inspection, is left out of messages)."""
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} since {holder.get('since', '?')}"
 
 
 def _read_record(fd: int) -> dict | None:
