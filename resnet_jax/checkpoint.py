@@ -211,7 +211,8 @@ class Manager:
                 + '). Nothing was changed. To set them aside and train from step 0, run again with '
                 '--restart_from_scratch')
         for d, _ in damaged:
-            logging.warning('checkpoint %s/%d set aside: starting from step 0 (restart_from_scratch)', self.directory, d)
+            logging.warning('checkpoint %s/%d set aside: starting from step 0 (restart_from_scratch)',
+                            self.directory, d)
             self._set_aside(d)
         return None
 
