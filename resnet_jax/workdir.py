@@ -297,6 +297,7 @@ def quiet_terminal(workdir: str) -> None:
         return
     file.setFormatter(terminal.python_handler.formatter)
     logging.getLogger().addHandler(file)
+    logging.raiseExceptions = False  # a log file on a full disk must not print a traceback per record
 
 
 # -------------------------------------------------------------------------------------------- signals

@@ -7,6 +7,8 @@ import glob
 import json
 import os
 import random
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -289,3 +291,24 @@ def test_evaluate_on_a_read_only_workdir_prints_and_says_it_could_not_record(tra
     assert json.loads(result.stdout)['evaluate/top1'] >= 0
     assert f'could not be recorded in {run / workdir.METRICS_FILE}: {run} is read-only' in result.stderr
     assert (run / workdir.METRICS_FILE).read_text() == before
+
+
+def test_a_full_disk_stops_with_an_error_and_the_run_resumes_once_there_is_space(tmp_path):
+    """A 600 kB tmpfs (private mount namespace) fills up during the second checkpoint."""
+    if shutil.which('unshare') is None or subprocess.run(['unshare', '-m', 'true']).returncode != 0:
+        pytest.skip('needs unshare -m (a private mount namespace) for a small tmpfs')
+    run = tmp_path / 'disk' / 'run'
+    run.parent.mkdir()
+    train = shlex.join([sys.executable, '-m', 'resnet_jax.train', *TINY, '--config.num_steps=40',
+                        '--config.checkpoint_every_steps=2', '--config.eval_every_steps=40', f'--workdir={run}',
+                        '--nodistributed'])
+    script = (f'mount -t tmpfs -o size=600k tmpfs {shlex.quote(str(run.parent))} || exit 9; {train}; echo "rc=$?"; '
+              f'mount -o remount,size=16M {shlex.quote(str(run.parent))}; {train}; echo "rc=$?"; '
+              f'cat {shlex.quote(str(run / workdir.METRICS_FILE))}')
+    result = subprocess.run(['unshare', '-m', 'sh', '-c', script], cwd=ROOT, env=cli_env(1), capture_output=True,
+                            text=True, timeout=2 * RUN_TIMEOUT)
+    assert re.findall(r'^rc=(\d+)$', result.stdout, re.M) == ['1', '0'], result.stderr[-3000:]
+    assert f'error: no space left on the disk of {run}' in result.stderr
+    starts = [json.loads(line)['step'] for line in result.stdout.splitlines()
+              if line.startswith('{') and 'perf/compile_seconds' in line]
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] > 0, starts

@@ -15,6 +15,7 @@ from resnet_jax import workdir as workdir_lib  # noqa: I001 (first, and cheap: n
 
 workdir_lib.SIGNALS.install()
 
+import errno  # noqa: E402
 import logging as py_logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -71,6 +72,13 @@ def main(argv):
                       'was killed; stopping this one too. The error was: %s', e)
         # JAX's exit handler would wait out the heartbeat timeout for the dead peer first.
         os._exit(1)
+    except Exception as e:  # a full disk reaches us through TensorBoard, Orbax (as another type) or a write
+        if getattr(e, 'errno', None) not in (errno.ENOSPC, errno.EDQUOT) and 'No space left' not in str(e):
+            raise
+        line = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        sys.exit(f'error: no space left on the disk of {WORKDIR.value} ({line}). A checkpoint being written is '
+                 'incomplete and will be ignored: free some space and run the same command again to continue '
+                 'from the newest complete one')
 
 
 if __name__ == '__main__':
