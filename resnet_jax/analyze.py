@@ -49,11 +49,12 @@ def parse_tools(spec: str) -> list[str]:
 
 def check_run(workdir: str, flag: str):
     """The run's recorded config; fails before any work if the directory is not a trained run."""
+    from resnet_jax import workdir as workdir_lib
     from resnet_jax.train import config as config_lib
 
-    if not os.path.exists(os.path.join(workdir, 'config.json')):
+    if not os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
         raise ValueError(f'--{flag}={workdir} has no config.json: is it a resnet_jax.train workdir?')
-    if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    if not os.path.isdir(workdir_lib.checkpoints(workdir)):
         raise ValueError(f'--{flag}={workdir} has no checkpoints/ to analyse')
     return config_lib.load_resolved(workdir)
 

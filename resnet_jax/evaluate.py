@@ -2,16 +2,22 @@
 
 Rebuilds the run from the config it recorded, restores the newest checkpoint (or --step),
 evaluates the whole evaluation split (padded and masked, never truncated) and prints the
-metrics as JSON; they are also appended to the run's metrics.jsonl as 'evaluate/*'.
+metrics as JSON; they are also appended to the run's metrics.jsonl as 'evaluate/*', holding the
+workdir's lock (so it is refused at once while a training runs there). On a read-only workdir the
+results are printed, with a warning that they could not be recorded.
 """
 
+import errno
 import json
+import logging
 import os
+import sys
 
 import jax
 from absl import app, flags
 
 from resnet_jax import checkpoint, distributed, labels
+from resnet_jax import workdir as workdir_lib
 from resnet_jax.data import sources
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
@@ -22,31 +28,70 @@ from resnet_jax.train.loop import Run
 def restore_workdir(workdir: str, step: int | None = None, run: Run | None = None):
     """(Run rebuilt from the workdir's recorded config, its checkpoint `step` or the newest readable one);
     pass the `run` of an earlier call to restore another step without rebuilding it."""
-    if not os.path.exists(os.path.join(workdir, 'config.json')):
-        raise FileNotFoundError(f'{workdir} has no config.json: is it a resnet_jax.train workdir?')
     run = Run(config_lib.load_resolved(workdir)) if run is None else run
     labels.check(workdir, sources.class_names(run.config))  # the classes the model was trained on
-    manager = checkpoint.Manager(os.path.join(workdir, 'checkpoints'), run.config, read_only=True)
-    restored = manager.restore(run.abstract_state, step)
-    manager.close()
+    manager = checkpoint.Manager(workdir_lib.checkpoints(workdir), run.config, read_only=True)
+    try:
+        restored = manager.restore(run.abstract_state, step)
+    finally:
+        manager.close()
     if restored is None:
-        raise FileNotFoundError(f'{workdir}/checkpoints holds no checkpoint')
+        raise workdir_lib.WorkdirError(f'{workdir_lib.checkpoints(workdir)} holds no checkpoint')
     return run, restored
 
 
+def _lock_for_writing(workdir: str) -> tuple[workdir_lib.Lock | None, str | None]:
+    """(The workdir's lock, None), or (None, why its results cannot be recorded) for a read-only
+    workdir; WorkdirBusy while another process holds it."""
+    if not os.path.isdir(workdir):
+        raise workdir_lib.WorkdirError(f'{workdir}: no such directory')
+    if jax.process_index() != 0:
+        return None, None
+    lock = workdir_lib.Lock(workdir)
+    try:
+        lock.acquire()
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        return None, f'{workdir} is read-only ({e.strerror})'
+    return lock, None
+
+
 def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, float]:
-    run, restored = restore_workdir(workdir, step)
-    results = {k.replace('eval', 'evaluate', 1): v for k, v in run.evaluate(restored.state).items()}
-    with metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer:
-        writer.write(restored.step, results)
-    return results
+    """The evaluation metrics of checkpoint `step` (default: the newest undamaged one), also appended
+    to metrics.jsonl where the workdir can be written."""
+    lock, unrecordable = _lock_for_writing(workdir)
+    try:
+        run, restored = restore_workdir(workdir, step)
+        results = {k.replace('eval', 'evaluate', 1): v for k, v in run.evaluate(restored.state).items()}
+        if unrecordable is None:
+            try:
+                with metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0) as writer:
+                    writer.write(restored.step, results)
+            except OSError as e:  # a full disk
+                unrecordable = f'{e.strerror}: {e.filename}'
+        if unrecordable:
+            logging.warning('the results could not be recorded in %s: %s',
+                            os.path.join(workdir, workdir_lib.METRICS_FILE), unrecordable)
+        return results
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    if os.path.isdir(flags.FLAGS.workdir):
+        workdir_lib.quiet_terminal(flags.FLAGS.workdir)
     distributed.initialize_from_flags()
-    results = evaluate_workdir(flags.FLAGS.workdir, flags.FLAGS.step)
+    try:
+        results = evaluate_workdir(flags.FLAGS.workdir, flags.FLAGS.step)
+    except workdir_lib.WorkdirBusy as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(workdir_lib.BUSY_EXIT_CODE)
+    except workdir_lib.WorkdirError as e:
+        sys.exit(f'error: {e}')
     if jax.process_index() == 0:
         print(json.dumps(results, indent=2))
 

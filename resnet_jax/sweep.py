@@ -39,7 +39,7 @@ from absl import flags
 
 from resnet_jax.cli import UserError
 from resnet_jax.train import config as config_lib
-from resnet_jax.train.loop import DONE_FILE
+from resnet_jax.workdir import is_done, saved_steps
 
 ARG = 'arg'               # the override key that selects get_config's argument
 SWEEP_FILE = 'sweep.json'
@@ -190,12 +190,9 @@ class RunSpec:
 
 def run_state(workdir: str) -> str:
     """'finished' (the run wrote done.json at its last step), 'unfinished' (it has a checkpoint) or 'new'."""
-    if os.path.exists(os.path.join(workdir, DONE_FILE)):
+    if is_done(workdir):
         return 'finished'
-    checkpoints = os.path.join(workdir, 'checkpoints')
-    if os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints)):
-        return 'unfinished'
-    return 'new'
+    return 'unfinished' if saved_steps(workdir) else 'new'
 
 
 def _flag_value(value) -> str:

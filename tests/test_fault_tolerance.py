@@ -17,11 +17,12 @@ from helpers import tiny_config
 from test_multihost import ROOT, TINY, cli_env, processes, start_multiprocess  # noqa: F401 (fixture)
 from test_train import run_module
 
-from resnet_jax import checkpoint
+from resnet_jax import checkpoint, workdir
 from resnet_jax.checkpoint import read_numpy, saved_steps
 from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train.config import ConfigError
-from resnet_jax.train.loop import PREEMPTED_EXIT_CODE, NonFiniteError, Run, train_and_evaluate
+from resnet_jax.train.loop import NonFiniteError, Run, train_and_evaluate
+from resnet_jax.workdir import PREEMPTED_EXIT_CODE
 
 RUN_TIMEOUT = 300
 
@@ -104,6 +105,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(processes, 
     procs = start_multiprocess(processes, tmp_path, long)
     while not run_starts(tmp_path) and all(p.poll() is None for p in procs):
         time.sleep(0.1)
+    assert workdir.holder(str(tmp_path))['pid'] == procs[0].pid  # one lock for the whole run, held by process 0
     time.sleep(3.0)
     procs[1].send_signal(signal.SIGTERM)
     for proc in procs:
@@ -128,7 +130,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog)
         restored = manager.restore(run.abstract_state)
     manager.close()
     assert restored.step == 4 and int(restored.state.step) == 4
-    assert f'{directory}/8 cannot be read and is skipped' in caplog.text
+    assert f'{directory}/8 is damaged' in caplog.text
     # The run then continues from step 4 and rewrites step 8.
     train_and_evaluate(config, str(tmp_path))
     assert run_starts(tmp_path) == [0, 4]

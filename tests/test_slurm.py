@@ -28,7 +28,7 @@ from test_multihost import ROOT, TINY, cli_env, processes, read_lines  # noqa: F
 
 from resnet_jax import sweep as sweep_lib
 from resnet_jax.checkpoint import read_numpy, saved_steps
-from resnet_jax.train.loop import DONE_FILE
+from resnet_jax.workdir import DONE_FILE
 
 TIMEOUT = 300  # seconds for any one job; reached only when something hangs
 STEPS = 6

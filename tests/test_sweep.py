@@ -228,18 +228,16 @@ def test_local_launcher_exit_codes_pinning_and_busy_runs(tmp_path, capsys):
     codes = {'ok': 0, 'preempted': 75, 'broken': 3, 'busy': 0}
     runs = [ScriptRun(name, f'import os, sys; print(os.environ.get("CUDA_VISIBLE_DEVICES")); sys.exit({code})',
                       str(tmp_path / name), {}) for name, code in codes.items()]
-    os.makedirs(runs[3].workdir)
-    import fcntl
-    with open(os.path.join(runs[3].workdir, local.LOG_FILE), 'a') as held:  # another launcher runs it
-        fcntl.flock(held, fcntl.LOCK_EX)
+    from resnet_jax import workdir
+    with workdir.Lock(runs[3].workdir):  # a training (another launcher's) holds it
         code = local.launch(runs, str(tmp_path), launch_options(local_parallel=2, local_devices_per_run=2,
                                                                  local_device_ids=['0', '1', '2', '3']))
     out = capsys.readouterr().out
     assert code == 1
     assert '1 of 4 runs finished; 2 unfinished (launch the sweep again to resume them); 1 failed: broken (exit 3)' in out
-    assert 'busy: skipped: another launcher is running it' in out and 'preempted: stopped after saving' in out
-    logs = {r.name: Path(r.workdir, local.LOG_FILE).read_text() for r in runs}
-    assert logs['busy'] == ''
+    assert 'busy: skipped: another process is training in its workdir' in out and 'preempted: stopped after saving' in out
+    assert not Path(runs[3].workdir, local.LOG_FILE).exists()  # never started
+    logs = {r.name: Path(r.workdir, local.LOG_FILE).read_text() for r in runs[:3]}
     for name in ('ok', 'preempted', 'broken'):
         pinned = re.search(r'^# \S+ CUDA_VISIBLE_DEVICES=(\S+) ', logs[name], re.M).group(1)
         assert pinned in ('0,1', '2,3') and logs[name].splitlines()[-1] == pinned  # the child saw it

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from resnet_jax import checkpoint
+from resnet_jax import workdir as workdir_lib
 from resnet_jax.data import augment, pipeline
 from resnet_jax.models import get_model
 from resnet_jax.models.design import check_choice
@@ -92,7 +93,7 @@ class Subject:
     def checkpoint_steps(self) -> list[int]:
         if self.workdir is None:
             return []
-        manager = checkpoint.Manager(os.path.join(self.workdir, 'checkpoints'), self.config, read_only=True)
+        manager = checkpoint.Manager(workdir_lib.checkpoints(self.workdir), self.config, read_only=True)
         steps = manager.steps()
         manager.close()
         return steps

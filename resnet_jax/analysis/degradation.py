@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from resnet_jax import workdir as workdir_lib
 from resnet_jax.analysis import common
 from resnet_jax.train import config as config_lib
 
@@ -34,7 +35,7 @@ def runs(sweep_dir: str) -> list[dict]:
 
     entries = []
     for record in results.collect(sweep_dir):
-        if not os.path.exists(os.path.join(record['workdir'], 'config.json')):
+        if not os.path.exists(os.path.join(record['workdir'], workdir_lib.CONFIG_FILE)):
             continue  # not started yet
         config = config_lib.load_resolved(record['workdir'])
         model = common.model_of(config)

@@ -23,6 +23,8 @@ import dataclasses
 import itertools
 import logging
 import os
+import threading
+import time
 
 import numpy as np
 
@@ -207,5 +209,18 @@ def _grain_batches(record, start: int, stop: int | None, local_batch: int, worke
         from absl import flags
         if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside an absl app, take the defaults
             flags.FLAGS.mark_as_parsed()
-        stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_end_with_parent)
     return iter(stream)
+
+
+def _end_with_parent(worker_index: int, worker_count: int) -> None:
+    """In each Grain worker: end it within a second of the process that started it, however that one
+    ended (Grain's own shutdown runs only when the trainer exits cleanly, not on SIGKILL)."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name='end-with-parent', daemon=True).start()

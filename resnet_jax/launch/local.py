@@ -4,9 +4,10 @@
         --launcher=local --local_parallel=4 --local_devices_per_run=2
 
 Each run is `python -m resnet_jax.train ...` in its own workdir, its output appended to
-`<workdir>/train.log` (which a run holds locked, so a second launcher on the same sweep skips
-it). With `--local_devices_per_run=k`, the i-th of the parallel slots sees GPUs
-`ids[i*k:(i+1)*k]` through CUDA_VISIBLE_DEVICES; without it, every run sees every device, and
+`<workdir>/train.log`. A run whose workdir a training holds locked (resnet_jax.workdir) is skipped,
+so a second launcher on the same sweep leaves the first one's runs alone. With
+`--local_devices_per_run=k`, the i-th of the parallel slots sees GPUs `ids[i*k:(i+1)*k]` through
+CUDA_VISIBLE_DEVICES; without it, every run sees every device, and
 `--local_memory_fraction` lets several small runs share one GPU. SIGINT or SIGTERM to the launcher is passed
 on as SIGTERM to every running run, which saves a checkpoint and exits 75 (pre-empted); such
 runs count as unfinished, not failed, and are resumed by launching the sweep again. The exit
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
-import fcntl
 import os
 import queue
 import shlex
@@ -29,11 +29,12 @@ import threading
 
 from absl import flags
 
+from resnet_jax import workdir as workdir_lib
 from resnet_jax.launch.command import LaunchError
-from resnet_jax.train.loop import PREEMPTED_EXIT_CODE
+from resnet_jax.workdir import PREEMPTED_EXIT_CODE
 
-LOG_FILE = 'train.log'
-BUSY = 'busy'  # the outcome of a run whose log another launcher holds locked
+LOG_FILE = workdir_lib.LAUNCH_LOG
+BUSY = 'busy'  # the outcome of a run whose workdir another training holds locked
 
 flags.DEFINE_integer('local_parallel', 1, 'runs at a time; 0: as many as the devices allow with '
                      '--local_devices_per_run (else 1)')
@@ -99,12 +100,10 @@ class _Runner:
         try:
             if self.stopping:
                 return PREEMPTED_EXIT_CODE  # never started: still unfinished
+            if workdir_lib.holder(run.workdir) is not None:
+                return BUSY
             os.makedirs(run.workdir, exist_ok=True)
             with open(os.path.join(run.workdir, LOG_FILE), 'a') as log:
-                try:
-                    fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    return BUSY
                 command = [sys.executable, *run.train_args()]
                 pinned = ''.join(f'{k}={v} ' for k, v in group.items())
                 log.write(f'# {datetime.datetime.now().isoformat(timespec="seconds")} {pinned}{shlex.join(command)}\n')
@@ -119,7 +118,7 @@ class _Runner:
                 code = process.wait()
                 with self.lock:
                     del self.running[run.name]
-                return code
+                return BUSY if code == workdir_lib.BUSY_EXIT_CODE else code  # another took it as it started
         finally:
             self.slots.put(group)
 
@@ -171,7 +170,7 @@ def _describe(code) -> str:
     if code == 0:
         return 'finished'
     if code == BUSY:
-        return 'skipped: another launcher is running it'
+        return 'skipped: another process is training in its workdir'
     if code == PREEMPTED_EXIT_CODE:
         return 'stopped after saving (unfinished)'
     return f'failed with exit code {code}'

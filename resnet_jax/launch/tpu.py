@@ -28,6 +28,7 @@ from pathlib import Path
 from absl import flags
 
 from resnet_jax import cli
+from resnet_jax import workdir as workdir_lib
 from resnet_jax.launch.command import LaunchError, config_args, define_training_flags, validate
 
 NAME = flags.DEFINE_string('tpu_name', None, 'the TPU VM (node) name')
@@ -44,7 +45,8 @@ LOCAL_DIR = flags.DEFINE_string('tpu_local_dir', '.', 'for copy_logs: where the 
 
 COMMANDS = ('create', 'run', 'copy_logs', 'delete')
 ACCELERATOR_FORMAT = re.compile(r'v(\d+)(e|p|litepod|lite)?-(\d+)')
-LOG_FILES = ('config.json', 'metrics.jsonl', 'tensorboard')  # written by process 0 from the first logging step
+# Written by process 0 from the first logging step.
+LOG_FILES = (workdir_lib.CONFIG_FILE, workdir_lib.METRICS_FILE, workdir_lib.TENSORBOARD_DIR)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 

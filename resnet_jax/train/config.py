@@ -510,16 +510,19 @@ def to_json(config) -> str:
 
 
 def write_resolved(config, workdir: str) -> str:
-    path = os.path.join(workdir, 'config.json')
-    with open(path, 'w') as f:
-        f.write(to_json(config))
-    return path
+    from resnet_jax import workdir as workdir_lib
+    workdir_lib.write_config(workdir, to_json(config))
+    return os.path.join(workdir, workdir_lib.CONFIG_FILE)
 
 
 def load_resolved(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run recorded, with tuples restored, for evaluation and resume."""
-    with open(os.path.join(workdir, 'config.json')) as f:
-        raw = json.load(f)
+    """The config a run recorded (config.json, else its newest checkpoint's), with tuples restored, for
+    evaluation and resume."""
+    from resnet_jax import workdir as workdir_lib
+    raw, _ = workdir_lib.stored_config(workdir)
+    if raw is None:
+        raise workdir_lib.WorkdirError(f'{workdir} has no {workdir_lib.CONFIG_FILE} and no checkpoint: is it a '
+                                       'resnet_jax.train workdir?')
     config = base_config()
     _update(config, raw)
     return config

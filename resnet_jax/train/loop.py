@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import signal
 import threading
 import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from resnet_jax import checkpoint, labels
+from resnet_jax import workdir as workdir_lib
 from resnet_jax.data import pipeline, sources
 from resnet_jax.models import get_model
 from resnet_jax.models.summary import count_macs
@@ -136,19 +136,6 @@ class Run:
         return {f'{prefix}/{k}': float(v) / count for k, v in totals.items()}
 
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the same command again
-NONFINITE_EXIT_CODE = 3   # stopped on a NaN/Inf loss or gradient (config.nonfinite='stop')
-DONE_FILE = 'done.json'   # in the workdir once the run reached its last step; sweeps skip such runs
-
-
-def mark_done(workdir: str, step: int, metrics: dict) -> None:
-    """Write `<workdir>/done.json` atomically, so a sweep never reads a half-written marker."""
-    path = os.path.join(workdir, DONE_FILE)
-    with open(path + '.tmp', 'w') as f:
-        json.dump({'step': step, 'metrics': metrics}, f)
-    os.replace(path + '.tmp', path)
-
-
 class Preempted(Exception):
     """The run stopped on a signal after its checkpoint at `step` was complete."""
 
@@ -162,54 +149,67 @@ class NonFiniteError(RuntimeError):
     """A NaN/Inf loss or gradient under config.nonfinite='stop'; the state holds no NaN."""
 
 
-class StopSignals:
-    """SIGTERM and SIGUSR1 (SLURM's usual pre-emption warnings) ask a one-process run to stop after
-    the current step. With several processes, JAX's preemption notifier owns SIGTERM, Orbax's
-    preemption sync point makes every process stop after the same step, and SIGUSR1 keeps its
-    default action."""
-
-    def __init__(self, manager: checkpoint.Manager):
-        self._manager, self.received, self._previous = manager, None, {}
-        self._coordinated = jax.process_count() > 1
-        if not self._coordinated and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                self._previous[sig] = signal.signal(sig, self._record)
-
-    def _record(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def should_stop(self, step: int) -> bool:
-        if self._coordinated and self._manager.reached_preemption(step):
-            self.received = 'SIGTERM'
-        return self.received is not None
-
-    def close(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+def lock_workdir(workdir: str) -> workdir_lib.Lock | None:
+    """Process 0 takes the workdir's lock (one lock for the whole run); if it could not, every
+    process raises (WorkdirBusy, or WorkdirError for a workdir that cannot be written), so none goes
+    on alone."""
+    lock, busy = (workdir_lib.Lock(workdir), None) if jax.process_index() == 0 else (None, None)
+    if lock is not None:
+        try:
+            lock.acquire()
+        except workdir_lib.WorkdirBusy as e:
+            lock, busy = None, e
+        except OSError as e:  # a read-only or missing parent directory
+            lock, busy = None, workdir_lib.WorkdirError(f'{workdir} cannot be written: {e.strerror}')
+    if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(busy is None)) and busy is None:
+        busy = workdir_lib.WorkdirBusy(f'{workdir} is in use by another training (process 0 could not lock it)')
+    if busy is not None:
+        raise busy
+    return lock
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    """Train `config` in `workdir`, continuing from its newest readable checkpoint; return the final metrics.
+def train_and_evaluate(config, workdir: str, restart_from_scratch: bool = False) -> dict[str, float]:
+    """Train `config` in `workdir`, continuing from its newest undamaged checkpoint; return the final metrics.
 
-    Raises Preempted after saving when a stop signal arrives, NonFiniteError on a NaN/Inf with
-    config.nonfinite='stop', and ConfigError when the workdir holds a run with another config.
+    Holds the workdir's lock throughout (WorkdirBusy if another process has it). Raises Preempted
+    after saving when a stop signal arrives, NonFiniteError on a NaN/Inf with config.nonfinite='stop',
+    ConfigError when the workdir holds a run with another config, and CheckpointError when a
+    checkpoint does not fit or every one is damaged (`restart_from_scratch` then starts over).
     """
     config_lib.validate(config, jax.device_count())  # before the workdir is touched
-    lead = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    manager = checkpoint.Manager(os.path.join(workdir, 'checkpoints'), config)
-    stored_config = os.path.join(workdir, 'config.json')
-    if manager.steps() and os.path.exists(stored_config):  # before any data is loaded
-        with open(stored_config) as f:
-            config_lib.check_resume(json.load(f), config)
-    labels.check(workdir, sources.class_names(config), write=lead, new_run=not manager.steps())
-    run = Run(config)
-    restored = manager.restore(run.abstract_state)
-    if lead:
-        config_lib.write_resolved(config, workdir)
-    if config.finetune.linear_probe:  # only the head trains, on features computed once
-        from resnet_jax.train import probe  # it builds on this module
-        return probe.train_head(run, run.first_state() if restored is None else restored.state, manager, workdir)
+    lock = lock_workdir(workdir)
+    signals = workdir_lib.SIGNALS
+    # A library caller's run (no handlers installed by the command) stops on signals from the loop on.
+    own_signals = (not signals.installed and jax.process_count() == 1
+                   and threading.current_thread() is threading.main_thread())
+    manager = None
+    try:
+        lead = jax.process_index() == 0
+        manager = checkpoint.Manager(workdir_lib.checkpoints(workdir), config)
+        if manager.steps():  # before any data is loaded
+            stored, _ = workdir_lib.stored_config(workdir)
+            if stored is not None:
+                config_lib.check_resume(stored, config)
+        labels.check(workdir, sources.class_names(config), write=lead, new_run=not manager.steps())
+        run = Run(config)
+        restored = manager.restore(run.abstract_state, restart_from_scratch=restart_from_scratch)
+        if lead:
+            workdir_lib.write_config(workdir, config_lib.to_json(config))
+        if config.finetune.linear_probe:  # only the head trains, on features computed once
+            from resnet_jax.train import probe  # it builds on this module
+            return probe.train_head(run, run.first_state() if restored is None else restored.state, manager, workdir)
+        return _train(run, workdir, manager, restored, signals, own_signals)
+    finally:
+        if own_signals:
+            signals.uninstall()
+        if manager is not None:
+            manager.close()
+        if lock is not None:
+            lock.release()
+
+
+def _train(run: Run, workdir: str, manager: checkpoint.Manager, restored, signals, own_signals) -> dict[str, float]:
+    config, lead = run.config, jax.process_index() == 0
     rng = jax.random.key(config.seed)
     batches, next_input = run.train_inputs(0)
     skipped_updates = 0
@@ -230,12 +230,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         final = run.evaluate(state)
         writer.write(run.num_steps, final)
         writer.close()
-        manager.close()
         if lead:
-            mark_done(workdir, run.num_steps, final)
+            workdir_lib.mark_done(workdir, run.num_steps, final)
         return final
-    if lead and os.path.exists(os.path.join(workdir, DONE_FILE)):  # a finished run given more steps
-        os.remove(os.path.join(workdir, DONE_FILE))
+    if lead:  # a finished run given more steps
+        workdir_lib.clear_done(workdir)
 
     first = next_input()
     t0 = time.perf_counter()
@@ -246,7 +245,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     writer.write(start, {'perf/compile_seconds': compile_seconds, 'perf/flops_per_step_per_device': flops_per_step})
     # Seen on CPU: several devices per process queuing many steps across processes can deadlock.
     block_each_step = jax.process_count() > 1 and jax.default_backend() == 'cpu'
-    stop = StopSignals(manager)
+    coordinated = jax.process_count() > 1  # JAX's pre-emption notifier owns SIGTERM; Orbax syncs the stop step
+
+    def should_stop(step: int) -> str | None:
+        if coordinated and manager.reached_preemption(step):
+            return 'SIGTERM'
+        return signals.received
     rng_data = np.asarray(jax.random.key_data(rng)).tolist()
 
     final: dict[str, float] = {}
@@ -274,6 +278,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         manager.save(step, state, batches.get_state(), meta, metrics=eval_results)
 
     inputs = first
+    if own_signals:
+        signals.install()
+    signals.recording()  # from now on a signal stops the loop after saving what is new
     try:
         for step in range(start, run.num_steps):
             if step > start:
@@ -314,16 +321,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             saved = done % config.checkpoint_every_steps == 0 or last
             if saved:
                 save(done, results)
-            if not last and stop.should_stop(done):
+            stopping = None if last else should_stop(done)
+            if stopping:
                 if not saved:
                     save(done, results)
                 manager.wait()
-                raise Preempted(done, stop.received)
+                raise Preempted(done, stopping)
     finally:
-        stop.close()
-        manager.close()
         writer.close()
+    manager.wait()
     if lead:
         metrics_lib.plot_curves(workdir)
-        mark_done(workdir, run.num_steps, final)
+        workdir_lib.mark_done(workdir, run.num_steps, final)
+    if signals.received:  # after the last step: the run is complete, and says it was stopped
+        raise Preempted(run.num_steps, signals.received)
     return final

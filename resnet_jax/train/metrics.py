@@ -12,7 +12,6 @@ TensorBoard. The TensorBoard event files under `<workdir>/tensorboard/` are for 
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import time
@@ -20,9 +19,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-METRICS_FILE = 'metrics.jsonl'
-TENSORBOARD_DIR = 'tensorboard'
-CURVES_FILE = 'train_curves.png'
+from resnet_jax.workdir import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR, append_line, read_jsonl
 
 
 def _to_python(key: str, value) -> int | float | None:
@@ -61,7 +58,7 @@ class MetricWriter:
         from tensorboardX import SummaryWriter
 
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
+        self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'ab', buffering=0)  # one write() per line
         self._tensorboard = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
 
     def write(self, step: int, metrics: Mapping[str, object]) -> None:
@@ -74,8 +71,7 @@ class MetricWriter:
         if not isinstance(step, int):
             raise TypeError(f'step must be an integer, got {step!r}')
         values = {key: _to_python(key, value) for key, value in metrics.items()}
-        self._jsonl.write(json.dumps({'step': step, **values}, allow_nan=False) + '\n')
-        self._jsonl.flush()
+        append_line(self._jsonl, {'step': step, **values})
         for key, value in values.items():
             self._tensorboard.add_scalar(key, math.nan if value is None else value, global_step=step)
 
@@ -101,10 +97,10 @@ class MetricWriter:
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     """Every record of `<workdir>/metrics.jsonl` in file order (null for values that were non-finite).
 
-    A resumed run may have written some steps twice; both records are returned.
+    A resumed run may have written some steps twice; both records are returned. A line that is not
+    a record (half-written by a killed run, or damaged) is skipped with a warning naming it.
     """
-    with open(os.path.join(workdir, METRICS_FILE), encoding='utf-8') as file:
-        return [json.loads(line) for line in file if line.strip()]
+    return read_jsonl(os.path.join(workdir, METRICS_FILE))
 
 
 class ProgressLogger:

@@ -28,7 +28,8 @@ from resnet_jax.data import arrays, augment, pipeline
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train import sharding, step as step_lib
-from resnet_jax.train.loop import NonFiniteError, Run, mark_done
+from resnet_jax.train.loop import NonFiniteError, Run
+from resnet_jax.workdir import mark_done
 
 
 def head_module(model, image_size: int) -> nn.Module:
