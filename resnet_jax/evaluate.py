@@ -16,7 +16,7 @@ import sys
 import jax
 from absl import app, flags
 
-from resnet_jax import checkpoint, distributed, labels
+from resnet_jax import checkpoint, distributed
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.data import sources
 from resnet_jax.train import config as config_lib
@@ -29,7 +29,7 @@ def restore_workdir(workdir: str, step: int | None = None, run: Run | None = Non
     """(Run rebuilt from the workdir's recorded config, its checkpoint `step` or the newest readable one);
     pass the `run` of an earlier call to restore another step without rebuilding it."""
     run = Run(config_lib.load_resolved(workdir)) if run is None else run
-    labels.check(workdir, sources.class_names(run.config))  # the classes the model was trained on
+    workdir_lib.check_labels(workdir, sources.class_names(run.config))  # the classes the model was trained on
     manager = checkpoint.Manager(workdir_lib.checkpoints(workdir), run.config, read_only=True)
     try:
         restored = manager.restore(run.abstract_state, step)

@@ -1,9 +1,10 @@
-"""The run directory: its layout, the exit codes, its lock, the done/pre-empted protocol and the
-stored config. The one place that knows these, and cheap to import (no JAX), so launchers and
+"""The run directory: its layout, the exit codes, its lock, the done/pre-empted protocol, the
+stored config and the label map. The one place that knows these, and cheap to import (no JAX), so launchers and
 sweeps can use it.
 
     <workdir>/
         config.json        the resolved config of the run (written by process 0 at each start)
+        labels.json        the class names in label order, recorded when the training starts
         metrics.jsonl      one JSON object per line, appended a whole line at a time
         tensorboard/       TensorBoard events (browsing only)
         checkpoints/<step>/{state,data,meta}/   Orbax checkpoints; SHA256SUMS.json in each step
@@ -31,6 +32,8 @@ import signal
 import socket
 import sys
 
+from resnet_jax.cli import USAGE_EXIT_CODE, UserError  # noqa: F401 (USAGE_EXIT_CODE: one of the exit codes below)
+
 CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
@@ -40,9 +43,11 @@ DONE_FILE = 'done.json'
 LIBRARY_LOG = 'library.log'
 LAUNCH_LOG = 'train.log'
 LOCK_FILE = 'lock'
+LABELS_FILE = 'labels.json'
 
 # Exit codes of `python -m resnet_jax.train` (and of evaluate where they apply).
-ERROR_EXIT_CODE = 1       # a user error (printed as 'error: ...') or a crash
+ERROR_EXIT_CODE = 1       # a workdir or checkpoint that cannot continue (printed as 'error: ...') or a crash
+# USAGE_EXIT_CODE = 2 (resnet_jax.cli): a bad flag or config value; nothing was started
 NONFINITE_EXIT_CODE = 3   # stopped on a NaN/Inf loss or gradient (config.nonfinite='stop')
 BUSY_EXIT_CODE = 73       # the workdir is locked by another training (EX_CANTCREAT); nothing was done
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal, after saving anything new; run the same command again
@@ -243,6 +248,53 @@ def _read_json_object(file: str, what: str) -> dict:
 
 def write_config(workdir: str, config_json: str) -> None:
     write_atomic(os.path.join(workdir, CONFIG_FILE), config_json)
+
+
+# ------------------------------------------------------------------------------------------ label map
+# A model's output i means class names[i] only as long as the data keeps that order: the map is
+# recorded when a training starts and checked on resume, evaluation and export, so a dataset whose
+# classes changed (a class folder added, removed or renamed) stops with an error naming the first
+# differing label instead of scoring every image against the wrong class.
+
+class LabelMapError(UserError, ValueError):
+    """The dataset's classes differ from those a run was trained on, or its labels.json is unreadable."""
+
+
+def read_labels(workdir: str) -> tuple[str, ...] | None:
+    """The recorded class names in label order, or None for a run that has none (older runs)."""
+    file = os.path.join(workdir, LABELS_FILE)
+    try:
+        with open(file, encoding='utf-8') as f:
+            names = json.load(f)['classes']
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LabelMapError(f'{file} is unreadable ({type(e).__name__}: {e}); it should hold '
+                            '{"classes": [<class name>, ...]}') from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise LabelMapError(f'{file}: "classes" must be a list of class names')
+    return tuple(names)
+
+
+def check_labels(workdir: str, names, write: bool = False, new_run: bool = False) -> None:
+    """Refuse a dataset whose class names (in label order) differ from those recorded in `workdir`;
+    with `write`, record them where nothing is recorded yet (a run older than labels.json) or, for
+    a `new_run` (no checkpoint yet), in place of what an earlier attempt recorded."""
+    names = tuple(str(n) for n in names)
+    recorded = None if new_run else read_labels(workdir)
+    if recorded is None:
+        if write:
+            write_atomic(os.path.join(workdir, LABELS_FILE), json.dumps({'classes': list(names)}, indent=1))
+        return
+    if recorded == names:
+        return
+    i = next((i for i, (a, b) in enumerate(zip(recorded, names)) if a != b), min(len(recorded), len(names)))
+    was = repr(recorded[i]) if i < len(recorded) else 'absent'
+    now = repr(names[i]) if i < len(names) else 'absent'
+    raise LabelMapError(f"the dataset's classes differ from those {workdir} was trained on "
+                        f'({os.path.join(workdir, LABELS_FILE)}): label {i} was {was}, now {now} '
+                        f'({len(recorded)} classes then, {len(names)} now). Restore the dataset as it was, '
+                        'or train in a new workdir')
 
 
 # ---------------------------------------------------------------------------------------------- JSONL

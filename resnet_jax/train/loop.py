@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from resnet_jax import checkpoint, labels
+from resnet_jax import checkpoint
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.data import pipeline, sources
 from resnet_jax.models import get_model
@@ -190,7 +190,7 @@ def train_and_evaluate(config, workdir: str, restart_from_scratch: bool = False)
             stored, _ = workdir_lib.stored_config(workdir)
             if stored is not None:
                 config_lib.check_resume(stored, config)
-        labels.check(workdir, sources.class_names(config), write=lead, new_run=not manager.steps())
+        workdir_lib.check_labels(workdir, sources.class_names(config), write=lead, new_run=not manager.steps())
         run = Run(config)
         restored = manager.restore(run.abstract_state, restart_from_scratch=restart_from_scratch)
         if lead:
