@@ -57,15 +57,18 @@ def _literal_glob(self, pattern: str):
     """etils' Path.glob (which Orbax uses to find its per-process files) globs `join(path, pattern)`,
     so the `[`, `]`, `*` or `?` of a directory name are read as a pattern: in a workdir such as
     `runs/lr[0.1]` Orbax misses its own files and writes a checkpoint it cannot read. Here the
-    directory part of a local path is taken literally."""
-    if self._uri_scheme is not None:
+    directory part of a local path is taken literally. (Private etils attributes: where a newer etils
+    lacks them, its own glob runs.)"""
+    local = getattr(self, '_uri_scheme', '') is None and hasattr(self, '_path_str') and hasattr(self, '_new')
+    if not local:
         yield from _glob(self, pattern)
         return
     for f in glob.glob(os.path.join(glob.escape(self._path_str), pattern)):
         yield self._new(f)
 
 
-_glob, gpath._GPath.glob = gpath._GPath.glob, _literal_glob
+if hasattr(gpath, '_GPath'):
+    _glob, gpath._GPath.glob = gpath._GPath.glob, _literal_glob
 
 
 class CheckpointError(workdir_lib.WorkdirError):
