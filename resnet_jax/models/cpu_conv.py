@@ -82,7 +82,8 @@ def input_grad(x_shape, kernel, g, strides, padding, dilation=(1, 1)):
 def materialize(x):
     """x itself, computed once: a max over x and a -inf pad, which XLA:CPU keeps as a
     reduce-window, an op it does not fuse into consumers (see point 1 of the module docstring).
-    Exact for every value: max(v, -inf) is v for -0.0, infinities and NaN too."""
+    Exact: max(v, -inf) is v for -0.0, infinities and NaN too; only subnormals become zero, as
+    in every max XLA:CPU computes (the ReLU that usually precedes a conv flushes them already)."""
     pad = ((0, 0),) * x.ndim + ((0, 1),)
     window = (1,) * x.ndim + (2,)
     return lax.reduce_window(x[..., None], -jnp.inf, lax.max, window, (1,) * (x.ndim + 1), pad)[..., 0]
