@@ -71,7 +71,7 @@ def test_materialize_survives_xla_cpu():
     assert 'reduce-window' in hlo
 
 
-@pytest.mark.parametrize('case', ['grouped', 'video', 'input_dilation', 'other_backend'])
+@pytest.mark.parametrize('case', ['grouped', 'video', 'input_dilation', 'bfloat16', 'other_backend'])
 def test_other_convs_go_to_lax_unchanged(case, monkeypatch):
     x, w, groups, lhs_dilation = images((1, 6, 6, 4)), images((3, 3, 2, 4), 1), 2, None
     dn = linear._conv_dimension_numbers(x.shape)
@@ -80,6 +80,8 @@ def test_other_convs_go_to_lax_unchanged(case, monkeypatch):
         dn = linear._conv_dimension_numbers(x.shape)
     elif case == 'input_dilation':
         w, groups, lhs_dilation = images((3, 3, 4, 4), 1), 1, (2, 2)
+    elif case == 'bfloat16':
+        x, w, groups = x.astype(jnp.bfloat16), images((3, 3, 4, 4), 1).astype(jnp.bfloat16), 1
     elif case == 'other_backend':
         w, groups = images((3, 3, 4, 4), 1), 1
         monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')

@@ -22,8 +22,8 @@ experiments/perf/CPU_NOTES.md):
 The function computed is exactly `jax.lax.conv_general_dilated`'s (the same sums, in another
 order, so results agree to float32 rounding). Where it applies: the CPU backend (decided when
 the step is traced, from `jax.default_backend()`, the platform of `jax.devices()` and so of the
-training mesh), NHWC input with HWIO kernels, no input dilation, one feature group and one
-batch group. Everything else -- GPU and TPU, grouped and depthwise convs, video convs -- calls
+training mesh), float32 NHWC input with HWIO kernels, no input dilation, one feature group and
+one batch group (`precision` is moot for float32 on CPU). Everything else -- GPU and TPU, grouped and depthwise convs, video convs -- calls
 `jax.lax.conv_general_dilated` unchanged, so what those backends compile does not change.
 """
 
@@ -143,7 +143,7 @@ def applies(lhs, rhs, padding, lhs_dilation, dimension_numbers, feature_group_co
             and feature_group_count == 1 and batch_group_count == 1
             and all(d == 1 for d in (lhs_dilation or (1, 1)))
             and not isinstance(padding, str)
-            and preferred_element_type is None and lhs.dtype == rhs.dtype)
+            and preferred_element_type is None and lhs.dtype == rhs.dtype == jnp.float32)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
