@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_jax.models import cpu_conv
 from resnet_jax.models.design import BlockDesign, check_choice
 
 # Each stem: its conv kernel, the strides of its convs (three convs for 'deep') and whether a 3x3/2
@@ -58,7 +59,8 @@ def conv(features: int, kernel, stride=1, groups: int = 1, *, name: str, dtype: 
     pad = [(dilation * (k - 1) // 2,) * 2 for k in kernel]
     return nn.Conv(features, kernel, _per_dim(stride, dims), padding=pad, kernel_dilation=dilation,
                    feature_group_count=groups, use_bias=use_bias, kernel_init=kernel_init,
-                   bias_init=bias_init, dtype=dtype, name=name)
+                   bias_init=bias_init, dtype=dtype, conv_general_dilated=cpu_conv.conv_general_dilated,
+                   name=name)
 
 
 class BatchNorm(nn.Module):

@@ -1,0 +1,159 @@
+"""The convolution the models run on CPU: XLA's own conv, with its slow cases routed elsewhere.
+
+Three things make XLA's CPU backend slow at a ResNet's training step (measured in
+experiments/perf/CPU_NOTES.md):
+
+1. Recomputed activations. XLA:CPU duplicates cheap elementwise producers into every
+   fusible consumer. A block's output relu(bn(conv) + shortcut) is such a producer, and so
+   is the previous block's output inside it, so the transposed copy of a conv input that the
+   weight gradient needs recomputes the residual stream back to the last non-fusible op,
+   block after block. (`lax.optimization_barrier` does not stop this: XLA:CPU removes it
+   before fusion.) Here the conv input is passed through a reduce-window that is exactly
+   the identity (a max over the value and a -inf pad), which XLA cannot fuse into its
+   consumers, so the input is computed once and every gradient reads that copy.
+2. Lhs-dilated convolutions. The input gradient of a strided conv is a conv of the gradient
+   dilated by the stride, which XLA runs on a generic slow loop. Here it is a matrix product
+   of the gradient with the kernel followed by the transpose of the patch extraction (pads
+   and adds).
+3. Kernels larger than the image (a 3x3 conv on a 2x2 map, e.g. ResNet-50's last stage at
+   64x64 input). XLA swaps the operands into layouts its fast conv does not take. Here the
+   forward conv and the weight gradient are matrix products over image patches (im2col).
+
+The function computed is exactly `jax.lax.conv_general_dilated`'s (the same sums, in another
+order, so results agree to float32 rounding). Where it applies: the CPU backend (decided when
+the step is traced, from `jax.default_backend()`, the platform of `jax.devices()` and so of the
+training mesh), float32 NHWC input with HWIO kernels, no input dilation, one feature group and
+one batch group (`precision` is moot for float32 on CPU). Everything else -- GPU and TPU, grouped and depthwise convs, video convs -- calls
+`jax.lax.conv_general_dilated` unchanged, so what those backends compile does not change.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def patches(x, kernel_size, strides, padding, dilation):
+    """im2col: (N, Ho, Wo, kh*kw*C) with the last axis ordered (kh, kw, C) like an HWIO kernel.
+
+    Built from strided slices of the padded input, which XLA fuses into one copy (its own
+    conv_general_dilated_patches is a conv with an identity kernel, far slower on CPU)."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    ho = (xp.shape[1] - dh * (kh - 1) - 1) // sh + 1
+    wo = (xp.shape[2] - dw * (kw - 1) - 1) // sw + 1
+    cols = [xp[:, i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw, :]
+            for i in range(kh) for j in range(kw)]
+    return jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
+
+
+def _lax_conv(x, kernel, strides, padding, dilation):
+    return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation, dimension_numbers=NHWC)
+
+
+def _patch_conv(x, kernel, strides, padding, dilation):
+    """The forward conv as patches(x) @ kernel."""
+    p = patches(x, kernel.shape[:2], strides, padding, dilation)
+    return lax.dot_general(p, kernel.reshape(-1, kernel.shape[-1]), (((3,), (0,)), ((), ())))
+
+
+def weight_grad(x, g, kernel_size, strides, padding, dilation=(1, 1)):
+    """d(loss)/d(kernel) as one matrix product: patches(x)^T @ g, in HWIO."""
+    p = patches(x, kernel_size, strides, padding, dilation)
+    dk = lax.dot_general(p.reshape(-1, p.shape[-1]), g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())))
+    return dk.reshape(*kernel_size, x.shape[-1], g.shape[-1])
+
+
+def input_grad(x_shape, kernel, g, strides, padding, dilation=(1, 1)):
+    """d(loss)/d(x): g @ kernel^T gives each patch's gradient; the transpose of the patch
+    extraction (pads and adds, fused by XLA) sums them back onto the input."""
+    kh, kw, c, o = kernel.shape
+    dp = lax.dot_general(g, kernel.reshape(kh * kw * c, o), (((3,), (1,)), ((), ())))
+    extract = functools.partial(patches, kernel_size=(kh, kw), strides=strides, padding=padding,
+                                dilation=dilation)
+    return jax.linear_transpose(extract, jax.ShapeDtypeStruct(x_shape, g.dtype))(dp)[0]
+
+
+def materialize(x):
+    """x itself, computed once: a max over x and a -inf pad, which XLA:CPU keeps as a
+    reduce-window, an op it does not fuse into consumers (see point 1 of the module docstring).
+    Exact: max(v, -inf) is v for -0.0, infinities and NaN too; only subnormals become zero, as
+    in every max XLA:CPU computes (the ReLU that usually precedes a conv flushes them already)."""
+    pad = ((0, 0),) * x.ndim + ((0, 1),)
+    window = (1,) * x.ndim + (2,)
+    return lax.reduce_window(x[..., None], -jnp.inf, lax.max, window, (1,) * (x.ndim + 1), pad)[..., 0]
+
+
+def _plan(x_shape, kernel_shape, strides, padding, dilation):
+    """(forward, input gradient, weight gradient): 'lax' for XLA's conv or 'patches' for a
+    matrix product, by the rules of the module docstring."""
+    eff = [d * (k - 1) + 1 for k, d in zip(kernel_shape[:2], dilation)]
+    small = any(e > n for e, n in zip(eff, x_shape[1:3]))
+    fwd = dw = 'patches' if small else 'lax'
+    dx = 'patches' if small or max(strides) > 1 else 'lax'
+    return fwd, dx, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, kernel, strides, padding, dilation):
+    fwd = _plan(x.shape, kernel.shape, strides, padding, dilation)[0]
+    return (_patch_conv if fwd == 'patches' else _lax_conv)(x, kernel, strides, padding, dilation)
+
+
+def _conv_fwd(x, kernel, strides, padding, dilation):
+    x = materialize(x)
+    return _conv(x, kernel, strides, padding, dilation), (x, kernel)
+
+
+def _conv_bwd(strides, padding, dilation, residuals, g):
+    x, kernel = residuals
+    _, dx_impl, dw_impl = _plan(x.shape, kernel.shape, strides, padding, dilation)
+    if dx_impl == 'patches':
+        dx = input_grad(x.shape, kernel, g, strides, padding, dilation)
+    else:
+        dx = jax.vjp(lambda x: _lax_conv(x, kernel, strides, padding, dilation), x)[1](g)[0]
+    if dw_impl == 'patches':
+        dk = weight_grad(x, g, kernel.shape[:2], strides, padding, dilation)
+    else:
+        dk = jax.vjp(lambda k: _lax_conv(x, k, strides, padding, dilation), kernel)[1](g)[0]
+    return dx, dk
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _is_nhwc(lhs, rhs, dimension_numbers) -> bool:
+    """Whether the conv reads NHWC input and an HWIO kernel and writes NHWC, in whatever form the
+    dimension numbers are given (Flax passes a ConvDimensionNumbers)."""
+    if dimension_numbers is None or lhs.ndim != 4:
+        return False
+    given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    return given == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
+
+
+def applies(lhs, rhs, padding, lhs_dilation, dimension_numbers, feature_group_count, batch_group_count,
+            preferred_element_type) -> bool:
+    """Whether a conv takes the CPU path (see the module docstring for the cases)."""
+    return (jax.default_backend() == 'cpu' and _is_nhwc(lhs, rhs, dimension_numbers)
+            and feature_group_count == 1 and batch_group_count == 1
+            and all(d == 1 for d in (lhs_dilation or (1, 1)))
+            and not isinstance(padding, str)
+            and preferred_element_type is None and lhs.dtype == rhs.dtype == jnp.float32)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None):
+    """`jax.lax.conv_general_dilated`, with the CPU path where it applies (same signature)."""
+    if not applies(lhs, rhs, padding, lhs_dilation, dimension_numbers, feature_group_count,
+                   batch_group_count, preferred_element_type):
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, batch_group_count,
+                                        precision, preferred_element_type)
+    return _conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding),
+                 tuple(rhs_dilation or (1, 1)))
