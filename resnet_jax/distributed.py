@@ -9,9 +9,10 @@ unreachable coordinator or a dead peer ends every process with an error instead 
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
-from absl import flags, logging
+from absl import flags
 
 COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for explicit multi-process runs')
 NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes in an explicit multi-process run')
@@ -35,13 +36,13 @@ def initialize_from_flags() -> None:
             raise ValueError('--coordinator_address needs --num_processes and --process_id')
         # Said before initialize: when the coordinator cannot be reached or a peer dies, JAX ends
         # the process from C++ (SIGABRT, 'DEADLINE_EXCEEDED ... RegisterTask' or 'heartbeat
-        # timeout'), and this line says which run, address and limits that was about.
-        logging.info('process %d of %d: joining the run coordinated at %s (waiting at most %d s for '
-                     'every process; a process silent for %d s stops the run)', PROCESS_ID.value,
-                     NUM_PROCESSES.value, COORDINATOR.value, INIT_TIMEOUT.value, HEARTBEAT_TIMEOUT.value)
+        # timeout'), and this line says which run, address and limits that was about: on the terminal,
+        # which shows no INFO logging.
+        print(f'process {PROCESS_ID.value} of {NUM_PROCESSES.value}: joining the run coordinated at '
+              f'{COORDINATOR.value} (waiting at most {INIT_TIMEOUT.value} s for every process; a process '
+              f'silent for {HEARTBEAT_TIMEOUT.value} s stops the run)', file=sys.stderr, flush=True)
         jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value, **timeouts)
     elif DISTRIBUTED.value or (DISTRIBUTED.value is None and slurm_multi_task()):
-        logging.info('joining an auto-detected multi-process run (waiting at most %d s for every '
-                     'process; a process silent for %d s stops the run)', INIT_TIMEOUT.value,
-                     HEARTBEAT_TIMEOUT.value)
+        print(f'joining an auto-detected multi-process run (waiting at most {INIT_TIMEOUT.value} s for every '
+              f'process; a process silent for {HEARTBEAT_TIMEOUT.value} s stops the run)', file=sys.stderr, flush=True)
         jax.distributed.initialize(**timeouts)

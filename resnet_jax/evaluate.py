@@ -44,7 +44,7 @@ def _lock_for_writing(workdir: str) -> tuple[workdir_lib.Lock | None, str | None
     """(The workdir's lock, None), or (None, why its results cannot be recorded) for a read-only
     workdir; WorkdirBusy while another process holds it."""
     if not os.path.isdir(workdir):
-        raise workdir_lib.WorkdirError(f'{workdir}: no such directory')
+        raise FileNotFoundError(f'{workdir}: no such directory (the workdir of a resnet_jax.train run)')
     if jax.process_index() != 0:
         return None, None
     lock = workdir_lib.Lock(workdir)

@@ -29,7 +29,7 @@ CASES = [
     ('train_no_file', ['resnet_jax.train', '--config=experiments/quickstrat.py', '--workdir={tmp}/run'],
      'error: config file experiments/quickstrat.py does not exist'),
     ('evaluate', ['resnet_jax.evaluate', '--workdir={tmp}/nothing'],
-     'error: {tmp}/nothing has no config.json: is it a resnet_jax.train workdir?'),
+     'error: {tmp}/nothing: no such directory (the workdir of a resnet_jax.train run)'),
     ('export', ['resnet_jax.export', '--workdir={tmp}/nothing', '--out={tmp}/no/model.msgpack'],
      'error: --out={tmp}/no/model.msgpack: its directory {tmp}/no does not exist'),
     ('sweep', ['resnet_jax.sweep', f'--config={QUICKSTART}', '--sweep_dir={tmp}/sweep', '--dry_run',

@@ -161,14 +161,15 @@ def test_readme_lists_the_timm_models():
 TINY_D = {'model.name': 'resnet26_d', 'model.stage_sizes': '(1,1,1,1)', 'model.widths': '(8,8,16,16)',
           'model.stem_width': 8, 'model.se_ratio': 0.25, 'model.se_divisor': 8, 'data.image_size': 16,
           'data.num_train': 64, 'data.num_eval': 32, 'batch_size': 16, 'eval_batch_size': 16, 'num_steps': 1,
-          'optim.lr': 0.0, 'optim.weight_decay': 0.0, 'optim.warmup_steps': 0, 'log_every_steps': 1,
+          'optim.lr': 1e-30, 'optim.weight_decay': 0.0, 'optim.warmup_steps': 0, 'log_every_steps': 1,
           'eval_every_steps': 1, 'checkpoint_every_steps': 1, 'progress_seconds': 0}
 
 
 def test_init_from_timm_and_export_to_timm_from_the_command_line(tmp_path):
     """timm-named weights (written by to_timm, checked above against the torch reference) start a run
     from the command line; its checkpoint exports back to timm's names and loads strictly into torch.
-    With lr 0 the step changes only the BN statistics, so every other exported tensor is the source's."""
+    With lr 1e-30 (0 is refused) an update is far below float32 resolution, so the step changes only the BN
+    statistics and every other exported tensor is the source's."""
     model = get_model('resnet26_d', num_classes=10, stage_sizes=(1, 1, 1, 1), widths=(8, 8, 16, 16),
                       stem_width=8, se_ratio=0.25, se_divisor=8)
     source = to_timm(_random_variables(model, seed=2), model, tmp_path / 'timm.safetensors')
