@@ -150,7 +150,8 @@ def test_the_label_map_is_recorded_and_checked_on_resume_and_evaluate(tmp_path):
     """labels.json holds the training classes; a class folder added later stops resume and evaluate."""
     import json
 
-    from resnet_jax import evaluate, workdir
+    from resnet_jax import evaluate
+    from resnet_jax import workdir as workdir_lib
     from resnet_jax.train.loop import train_and_evaluate
 
     root = make_image_folder(tmp_path / 'data', {'train': {'cat': 4, 'dog': 4}, 'test': {'dog': 2}})
@@ -163,5 +164,5 @@ def test_the_label_map_is_recorded_and_checked_on_resume_and_evaluate(tmp_path):
     make_image_folder(root, {'train': {'ant': 1}})  # sorts first: every label would shift by one
     config.num_steps = 4
     for attempt in (lambda: train_and_evaluate(config, workdir), lambda: evaluate.evaluate_workdir(workdir)):
-        with pytest.raises(workdir.LabelMapError, match="label 0 was 'cat', now 'ant' \\(2 classes then, 3 now\\)"):
+        with pytest.raises(workdir_lib.LabelMapError, match="label 0 was 'cat', now 'ant' \\(2 classes then, 3 now\\)"):
             attempt()

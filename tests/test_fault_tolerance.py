@@ -184,9 +184,10 @@ def test_the_newest_and_the_best_checkpoints_are_kept(tmp_path, metric, mode):
 
 
 def test_a_nonfinite_loss_stops_or_is_skipped_and_counted(tmp_path):
-    """std = 0 makes every input infinite, so every loss is NaN: 'stop' ends at the first step
+    """std = 1e-30 (0 is refused) makes inputs of about 1e30, whose squares overflow float32, so every
+    loss is NaN: 'stop' ends at the first step
     without touching the parameters; 'skip' runs to the end, counting every update as skipped."""
-    poisoned = {'data.mean': (0.5, 0.5, 0.5), 'data.std': (0.0, 0.0, 0.0)}
+    poisoned = {'data.mean': (0.5, 0.5, 0.5), 'data.std': (1e-30, 1e-30, 1e-30)}
     with pytest.raises(NonFiniteError, match=r'non-finite loss or gradient at step 0; .* --config.nonfinite=skip'):
         train_and_evaluate(tiny_config(**poisoned), str(tmp_path / 'stop'))
     assert not os.path.exists(tmp_path / 'stop' / 'checkpoints' / '8')
