@@ -62,7 +62,14 @@ def check_run(workdir: str, flag: str):
 def analyse(tools: list[str], options: common.Options, workdir=None, config=None, compare=None, step=None,
             out=None, sweep_dir=None) -> list[str]:
     """Run `tools`; every argument is checked before anything is loaded. Returns the files written."""
-    from resnet_jax.analysis import degradation, gradient_flow, landscape, lesion, paths, signal_propagation
+    from resnet_jax.analysis import (
+        degradation,
+        gradient_flow,
+        landscape,
+        lesion,
+        paths,
+        signal_propagation,
+    )
     from resnet_jax.train import config as config_lib
 
     modules = {'gradient-flow': gradient_flow, 'signal': signal_propagation, 'lesion': lesion, 'paths': paths,

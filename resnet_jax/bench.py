@@ -29,7 +29,7 @@ import time
 
 from absl import app, flags
 
-from resnet_jax.cli import UserError
+from resnet_jax.errors import UserError
 
 SOURCES = ('synthetic', 'device', 'host')
 DEFAULT_STEPS_PROJECTED = 64_000  # He et al.'s CIFAR schedule, for the projected-time column
@@ -114,7 +114,8 @@ def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None
     import jax
     import numpy as np
 
-    from resnet_jax.train import loop, sharding
+    from resnet_jax import sharding
+    from resnet_jax.train import loop
 
     run = loop.Run(config)
     state = run.initial_state()
@@ -184,7 +185,8 @@ def largest_batch(config, limit_gib: float | None = None, granularity: int = 32)
     """
     import jax
 
-    from resnet_jax.train import loop, sharding
+    from resnet_jax import sharding
+    from resnet_jax.train import loop
 
     limit = limit_gib or _device_memory_gib('bytes_limit')
     if limit is None:
@@ -305,8 +307,9 @@ def table(rows: list[dict]) -> str:
 
 def _parse_rows() -> list[dict]:
     """The cartesian product of the list flags, checked before anything is compiled."""
+    from resnet_jax.errors import close_matches
     from resnet_jax.models.design import DTYPES
-    from resnet_jax.models.registry import PRESETS, close_matches
+    from resnet_jax.models.registry import PRESETS
 
     for model in FLAGS.model:
         if model not in PRESETS:

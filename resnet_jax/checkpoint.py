@@ -335,7 +335,10 @@ def warm_start(spec: str, model, params, batch_stats, init_head: str = 'keep') -
         saved = read_numpy(step_dir(path))
         source = {'params': saved['params'], 'batch_stats': saved.get('batch_stats') or {}}
     elif kind == 'torchvision':
-        from resnet_jax.models.torchvision_import import from_torchvision, load_state_dict
+        from resnet_jax.models.torchvision_import import (
+            from_torchvision,
+            load_state_dict,
+        )
         state_dict = load_state_dict(path)
         source = from_torchvision(state_dict, model.clone(num_classes=state_dict['fc.weight'].shape[0]))
     elif kind == 'timm':

@@ -22,15 +22,11 @@ import sys
 
 from absl import flags
 
-USAGE_EXIT_CODE = 2  # a user error: bad flags, config values, paths or data; nothing was started
+from resnet_jax.errors import USAGE_EXIT_CODE, UserError
+
 DEBUG_ENV = 'RESNET_JAX_DEBUG'
 # OS errors about a path the user gave; their message names the path.
 PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
-
-
-class UserError(Exception):
-    """An error the user can fix (a flag, a config value, a path, a dataset); the message says how.
-    Printed as 'error: <message>' with exit code 2 by `run`."""
 
 
 def _debug() -> bool:

@@ -24,7 +24,6 @@ from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train.loop import Run
 
 
-
 def restore_workdir(workdir: str, step: int | None = None, run: Run | None = None):
     """(Run rebuilt from the workdir's recorded config, its checkpoint `step` or the newest readable one);
     pass the `run` of an earlier call to restore another step without rebuilding it."""

@@ -26,10 +26,9 @@ import numpy as np
 from absl import app, flags
 from flax import serialization
 
-from resnet_jax.cli import UserError
+from resnet_jax.errors import UserError
 from resnet_jax.models import get_model
 from resnet_jax.train import config as config_lib
-
 
 FORMATS = ('flax', 'torchvision', 'timm')
 

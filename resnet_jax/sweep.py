@@ -37,7 +37,7 @@ import sys
 import numpy as np
 from absl import flags
 
-from resnet_jax.cli import UserError
+from resnet_jax.errors import ConfigError, UserError
 from resnet_jax.train import config as config_lib
 from resnet_jax.workdir import is_done, saved_steps
 
@@ -347,7 +347,7 @@ def validate_runs(runs: list[RunSpec], check_data: bool = True) -> list:
         devices = fsdp * (config.mesh.data if config.mesh.data > 0 else 1)
         try:
             config_lib.validate(config, devices, num_train)
-        except config_lib.ConfigError as e:
+        except ConfigError as e:
             raise SweepError(f'run {run.name}: {e}') from None
         configs.append(config)
     return configs

@@ -32,7 +32,7 @@ import signal
 import socket
 import sys
 
-from resnet_jax.cli import USAGE_EXIT_CODE, UserError  # noqa: F401 (USAGE_EXIT_CODE: one of the exit codes below)
+from resnet_jax.errors import USAGE_EXIT_CODE, UserError  # noqa: F401 (USAGE_EXIT_CODE: one of the exit codes below)
 
 CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
@@ -47,7 +47,7 @@ LABELS_FILE = 'labels.json'
 
 # Exit codes of `python -m resnet_jax.train` (and of evaluate where they apply).
 ERROR_EXIT_CODE = 1       # a workdir or checkpoint that cannot continue (printed as 'error: ...') or a crash
-# USAGE_EXIT_CODE = 2 (resnet_jax.cli): a bad flag or config value; nothing was started
+# USAGE_EXIT_CODE = 2 (resnet_jax.errors): a bad flag or config value; nothing was started
 NONFINITE_EXIT_CODE = 3   # stopped on a NaN/Inf loss or gradient (config.nonfinite='stop')
 BUSY_EXIT_CODE = 73       # the workdir is locked by another training (EX_CANTCREAT); nothing was done
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal, after saving anything new; run the same command again

@@ -12,11 +12,14 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
 from helpers import tiny_config
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resnet_jax import sharding
+from resnet_jax.errors import ConfigError
 from resnet_jax.models.resnet import BatchNorm
-from resnet_jax.train import config as config_lib, sharding
+from resnet_jax.train import config as config_lib
 
 BATCH, EPS, MOMENTUM = 32, 1e-5, 0.9
 COLLECTIVES = ('all-reduce', 'all-gather', 'all-to-all', 'collective-permute', 'reduce-scatter')
@@ -75,6 +78,6 @@ if __name__ == '__main__':
     try:
         config_lib.validate(config, 8)
         results['refused'] = ''
-    except config_lib.ConfigError as e:
+    except ConfigError as e:
         results['refused'] = str(e)
     json.dump(results, sys.stdout)

@@ -13,8 +13,10 @@ import sys
 import jax
 import numpy as np
 
-from resnet_jax.data import device as device_data, pipeline
-from resnet_jax.train import config as config_lib, sharding
+from resnet_jax import sharding
+from resnet_jax.data import device as device_data
+from resnet_jax.data import pipeline
+from resnet_jax.train import config as config_lib
 
 
 def take(config, count: int, state: dict | None = None) -> tuple[list[dict], dict]:

@@ -9,10 +9,10 @@ import sys
 
 import jax
 import numpy as np
-
 from helpers import tiny_config
+
+from resnet_jax import sharding
 from resnet_jax.data import arrays
-from resnet_jax.train import sharding
 from resnet_jax.train.loop import Run
 
 STEPS = 4

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from helpers import images, tiny_config
 from jax.sharding import Mesh
 
-from helpers import images, tiny_config
 from resnet_jax.analysis import common, gradient_flow, landscape, paths
 from resnet_jax.models import get_model
 from resnet_jax.train import step as step_lib

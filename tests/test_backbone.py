@@ -19,13 +19,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from helpers import images, sown, tiny_config
+
+from resnet_jax.errors import ConfigError
 from resnet_jax.models import BlockDesign, ResidualBlock, get_model
 from resnet_jax.models.resnet import conv
 from resnet_jax.models.torchvision_import import from_torchvision
-from resnet_jax.torch_reference import Bottleneck, ReferenceR3D, ReferenceResNet, randomize_
-from resnet_jax.train.config import ConfigError, validate
+from resnet_jax.torch_reference import (
+    Bottleneck,
+    ReferenceR3D,
+    ReferenceResNet,
+    randomize_,
+)
+from resnet_jax.train.config import validate
 
 
 def numpy_variables(model, x, seed=0):

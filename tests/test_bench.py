@@ -9,10 +9,10 @@ largest-batch search brackets the memory limit, and bad flags fail before any wo
 import json
 
 import pytest
+from test_train import run_module
 
 from resnet_jax.models import get_model
 from resnet_jax.models.summary import count_macs
-from test_train import run_module
 
 TINY = ['--model=resnet20', '--image_size=16', '--dtype=float32', '--steps=2', '--window=1', '--warmup=1']
 

@@ -20,11 +20,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_jax.bench_torch import REFERENCE, TORCHVISION, make_model, measure, model_source
+from resnet_jax.bench_torch import (
+    REFERENCE,
+    TORCHVISION,
+    make_model,
+    measure,
+    model_source,
+)
+from resnet_jax.data.augment import normalize
 from resnet_jax.models.registry import get_model
 from resnet_jax.models.torchvision_import import from_torchvision
-from resnet_jax.torch_reference import CIFAR_CONFIGS, ZeroPadShortcut, randomize_, reference_resnet
-from resnet_jax.data.augment import normalize
+from resnet_jax.torch_reference import (
+    CIFAR_CONFIGS,
+    ZeroPadShortcut,
+    randomize_,
+    reference_resnet,
+)
 from resnet_jax.train.step import cross_entropy
 
 # As in test_torch_equivalence: errors are measured against the largest logit. Measured: ~3e-7 in

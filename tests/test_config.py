@@ -6,8 +6,9 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from resnet_jax.errors import ConfigError
 from resnet_jax.train import config as config_lib
-from resnet_jax.train.config import ConfigError, validate
+from resnet_jax.train.config import validate
 
 QUICKSTART = str(Path(__file__).parents[1] / 'experiments' / 'quickstart.py')
 

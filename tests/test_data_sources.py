@@ -8,7 +8,8 @@ import tensorflow_datasets as tfds
 from helpers import build_tfds_dataset, cifar10_jpeg, make_image_folder, tiny_config
 
 from resnet_jax.data import augment, pipeline, sources
-from resnet_jax.train.config import ConfigError, validate
+from resnet_jax.errors import ConfigError
+from resnet_jax.train.config import validate
 
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 

@@ -10,9 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-
 from helpers import images, init_variables, sown
-from resnet_jax.models import BlockDesign, ResidualBlock, get_model, param_count, residual_stream
+
+from resnet_jax.models import (
+    BlockDesign,
+    ResidualBlock,
+    get_model,
+    param_count,
+    residual_stream,
+)
 from resnet_jax.models.resnet import SqueezeExcite
 
 TOL = dict(rtol=1e-5, atol=1e-5)

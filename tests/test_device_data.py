@@ -17,14 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import tiny_config
-from resnet_jax import checkpoint
+
+from resnet_jax import checkpoint, sharding
 from resnet_jax.data import device as device_data
 from resnet_jax.data.arrays import ArrayDataset
+from resnet_jax.errors import ConfigError
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
-from resnet_jax.train import sharding
 from resnet_jax.train.loop import Run, train_and_evaluate
 
 ROOT = Path(__file__).parents[1]
@@ -256,10 +256,10 @@ def test_a_batch_larger_than_a_shard_is_refused():
     validate(tiny_config(**{'data.feed': 'device', 'batch_size': 24}), 8, 31)
     validate(tiny_config(**{'batch_size': 32}), 1, 24)  # the host feed wraps around epochs instead
     for devices, num_train, kept in ((1, 24, 24), (8, 31, 24)):
-        with pytest.raises(config_lib.ConfigError, match=f"^config.batch_size: 32 exceeds the {kept} examples that "
+        with pytest.raises(ConfigError, match=f"^config.batch_size: 32 exceeds the {kept} examples that "
                                                          f"data.feed='device' holds over {devices} shards"):
             validate(tiny_config(**{'data.feed': 'device'}), devices, num_train)
-    with pytest.raises(config_lib.ConfigError, match='config.batch_size: 32 exceeds the 24 examples'):
+    with pytest.raises(ConfigError, match='config.batch_size: 32 exceeds the 24 examples'):
         Run(tiny_config(**{'data.feed': 'device', 'data.num_train': 24}))
 
 

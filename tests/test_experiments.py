@@ -13,6 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from resnet_jax import sweep
+from resnet_jax.errors import ConfigError
 from resnet_jax.models import get_model, param_count
 from resnet_jax.train import config as config_lib
 
@@ -39,7 +40,7 @@ def check(config, where: str):
     num_train = NUM_TRAIN.get(config.data.dataset, config.data.num_train)
     try:
         config_lib.validate(config, 1, num_train)
-    except config_lib.ConfigError as e:
+    except ConfigError as e:
         pytest.fail(f'{where}: {e}')
 
 

@@ -12,6 +12,7 @@ from test_train import run_module
 
 from resnet_jax import checkpoint, export
 from resnet_jax.data import augment
+from resnet_jax.errors import ConfigError
 from resnet_jax.models import get_model
 from resnet_jax.train import config as config_lib
 from resnet_jax.train.loop import Run, train_and_evaluate
@@ -114,5 +115,5 @@ def test_a_warm_start_that_does_not_fit_is_refused(trained):
     fresh = run.initial_state()
     with pytest.raises(ValueError, match=r'does not fit this model: params/stage3_block0/conv1/kernel needs \(3, 3, 16, 64\), found \(3, 3, 16, 32\)'):
         checkpoint.warm_start(config.init_from, run.model, fresh.params, fresh.batch_stats)
-    with pytest.raises(config_lib.ConfigError, match='config.init_from: /nonexistent does not exist'):
+    with pytest.raises(ConfigError, match='config.init_from: /nonexistent does not exist'):
         config_lib.validate(tiny_config(init_from='checkpoint:/nonexistent'), 1)

@@ -12,7 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax.train.metrics import MetricWriter, ProgressLogger, plot_curves, read_metrics
+from resnet_jax.train.metrics import (
+    MetricWriter,
+    ProgressLogger,
+    plot_curves,
+    read_metrics,
+)
 
 
 def read_events(directory):

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from helpers import tiny_config
+
 from resnet_jax.train import optim
 from resnet_jax.train.step import cross_entropy, preprocess
 

@@ -13,13 +13,15 @@ import numpy as np
 import optax
 import pytest
 import torch
-
 from helpers import tiny_config
+
 from resnet_jax import results
 from resnet_jax.data import arrays, augment, pipeline, sources
+from resnet_jax.errors import ConfigError
 from resnet_jax.models import get_model
 from resnet_jax.models.resnet import BatchNorm
-from resnet_jax.train import config as config_lib, optim
+from resnet_jax.train import config as config_lib
+from resnet_jax.train import optim
 from resnet_jax.train.step import preprocess
 
 ROOT = Path(__file__).parents[1]
@@ -190,7 +192,7 @@ def test_decay_exclude_names_exactly_the_batchnorm_parameters():
     assert names['params/head/bias'] and names['params/head/kernel'] and names['params/stem_conv/kernel']
     assert not names['params/stem_norm/scale'] and not names['params/stage1_block0/norm2/bias']
     assert {n for n, decayed in names.items() if not decayed} == {n for n in names if '_norm/' in n or '/norm' in n}
-    with pytest.raises(config_lib.ConfigError, match="optim.decay_exclude: 'params/bn.*' matches no parameter"):
+    with pytest.raises(ConfigError, match="optim.decay_exclude: 'params/bn.*' matches no parameter"):
         config_lib.validate(tiny_config(**{'optim.decay_exclude': ('params/bn.*',)}), 1)
 
 
@@ -246,7 +248,7 @@ def test_goyal_warmup_starts_at_the_unscaled_rate():
     ({'model.bn_group_size': 5}, 'model.bn_group_size: BatchNorm groups of 5 must split the batch of 32'),
 ])
 def test_protocol_fields_refuse_what_cannot_run(overrides, message):
-    with pytest.raises(config_lib.ConfigError, match=message.replace('(', r'\(')):
+    with pytest.raises(ConfigError, match=message.replace('(', r'\(')):
         config_lib.validate(tiny_config(**overrides), 1)
 
 

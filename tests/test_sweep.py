@@ -19,7 +19,16 @@ from test_train import run_module
 
 from resnet_jax import results, sweep
 from resnet_jax.launch import local
-from resnet_jax.sweep import RunSpec, SweepError, log_uniform, product, sample, seeds, uniform, zipped
+from resnet_jax.sweep import (
+    RunSpec,
+    SweepError,
+    log_uniform,
+    product,
+    sample,
+    seeds,
+    uniform,
+    zipped,
+)
 from resnet_jax.train import config as config_lib
 
 ROOT = Path(__file__).parents[1]

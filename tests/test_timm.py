@@ -21,8 +21,15 @@ from safetensors.torch import load_file
 from test_train import run_module
 
 from resnet_jax import export
-from resnet_jax.cli import UserError
-from resnet_jax.models import from_timm, from_torchvision, get_model, timm_model, to_timm, to_torchvision
+from resnet_jax.errors import UserError
+from resnet_jax.models import (
+    from_timm,
+    from_torchvision,
+    get_model,
+    timm_model,
+    to_timm,
+    to_torchvision,
+)
 from resnet_jax.models.timm_import import TIMM_MODELS, timm_name, timm_table
 from resnet_jax.torch_reference import randomize_, reference_resnet, reference_timm
 

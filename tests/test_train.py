@@ -10,12 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import tiny_config
-from resnet_jax import checkpoint
+
+from resnet_jax import checkpoint, sharding
 from resnet_jax.data import arrays
 from resnet_jax.train import metrics as metrics_lib
-from resnet_jax.train import sharding
 from resnet_jax.train.loop import Run, train_and_evaluate
 from resnet_jax.train.step import topk_correct
 

@@ -17,10 +17,11 @@ from test_multihost import ROOT, cli_env
 from test_train import run_module
 
 from resnet_jax import checkpoint
+from resnet_jax.errors import ConfigError
 from resnet_jax.evaluate import evaluate_workdir, restore_workdir
 from resnet_jax.models import get_model
 from resnet_jax.train import finetune, optim
-from resnet_jax.train.config import ConfigError, validate
+from resnet_jax.train.config import validate
 from resnet_jax.train.loop import Run, train_and_evaluate
 
 FROZEN = ('params/stem_.*', 'params/stage1_.*')

@@ -22,9 +22,9 @@ from test_fault_tolerance import RUN_TIMEOUT, run_starts
 from test_multihost import LONG, ROOT, TINY, cli_env, processes  # noqa: F401 (fixture)
 
 from resnet_jax import checkpoint, workdir
+from resnet_jax.errors import ConfigError
 from resnet_jax.launch import local
 from resnet_jax.train import metrics as metrics_lib
-from resnet_jax.train.config import ConfigError
 from resnet_jax.train.loop import train_and_evaluate
 
 

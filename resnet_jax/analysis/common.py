@@ -21,8 +21,8 @@ import numpy as np
 from resnet_jax import checkpoint
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.data import augment, pipeline
+from resnet_jax.errors import check_choice
 from resnet_jax.models import get_model
-from resnet_jax.models.design import check_choice
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import step as step_lib
 

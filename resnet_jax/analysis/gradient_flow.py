@@ -11,9 +11,9 @@ statistics, which at initialisation are the identity and give the pure Jacobian 
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 import optax
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.cli import UserError
+from resnet_jax.errors import UserError
 
 CIFAR_PAD = 4
 # How the CIFAR crop pads the image, as numpy.pad modes: black (He et al.) or mirrored without repeating the

@@ -13,10 +13,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from resnet_jax.data.arrays import ArrayDataset
-from resnet_jax.train.sharding import BATCH_AXES, batch_sharding
+from resnet_jax.sharding import BATCH_AXES, batch_sharding
 
 
 def num_shards(mesh: Mesh) -> int:

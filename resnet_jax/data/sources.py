@@ -23,9 +23,8 @@ from concurrent import futures
 
 import numpy as np
 
-from resnet_jax.cli import UserError
 from resnet_jax.data import arrays, augment, shapes
-from resnet_jax.models.design import close_matches
+from resnet_jax.errors import UserError, close_matches
 
 DATASETS = ('shapes', 'synthetic', 'folder:<path>', 'tfds:<name>[:<version>]')
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')

@@ -25,8 +25,10 @@ def measure(config, batches: int, warmup: int, split: str | None = None) -> dict
     """{'startup_s', 'images_per_sec', 'ms_per_batch'} of `config`'s training input on this machine."""
     import jax
 
-    from resnet_jax.data import device as device_data, pipeline
-    from resnet_jax.train import config as config_lib, sharding
+    from resnet_jax import sharding
+    from resnet_jax.data import device as device_data
+    from resnet_jax.data import pipeline
+    from resnet_jax.train import config as config_lib
     from resnet_jax.train.step import preprocess
 
     config_lib.validate(config, jax.device_count())

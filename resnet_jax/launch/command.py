@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from resnet_jax.cli import UserError
+from resnet_jax.errors import ConfigError, UserError
 
 
 class LaunchError(UserError, ValueError):
@@ -41,5 +41,5 @@ def validate(config, num_devices: int | None = None) -> None:
         num_devices = max(config.mesh.fsdp, 1) * max(config.mesh.data, 1)
     try:
         config_lib.validate(config, num_devices)
-    except config_lib.ConfigError as e:
+    except ConfigError as e:
         raise LaunchError(str(e)) from None

@@ -32,7 +32,12 @@ import tomllib
 from absl import flags
 
 from resnet_jax import cli
-from resnet_jax.launch.command import LaunchError, config_args, define_training_flags, validate
+from resnet_jax.launch.command import (
+    LaunchError,
+    config_args,
+    define_training_flags,
+    validate,
+)
 from resnet_jax.workdir import PREEMPTED_EXIT_CODE
 
 # Every resource a profile may set; each is also the flag --slurm_<key>, which wins over the profile.

@@ -29,7 +29,12 @@ from absl import flags
 
 from resnet_jax import cli
 from resnet_jax import workdir as workdir_lib
-from resnet_jax.launch.command import LaunchError, config_args, define_training_flags, validate
+from resnet_jax.launch.command import (
+    LaunchError,
+    config_args,
+    define_training_flags,
+    validate,
+)
 
 NAME = flags.DEFINE_string('tpu_name', None, 'the TPU VM (node) name')
 ZONE = flags.DEFINE_string('tpu_zone', None, 'its zone, e.g. us-central2-b')

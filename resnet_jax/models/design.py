@@ -9,10 +9,11 @@ the right place. Invalid values fail here, before any tracing or compilation.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from resnet_jax.errors import check_choice
 
 BLOCKS = ('basic', 'bottleneck')
 # How the shortcut changes shape (He et al. 2016; Bag of Tricks for ResNet-D):
@@ -51,22 +52,9 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 BOTTLENECK_EXPANSION = 4
 
 
-def check_choice(field: str, value, allowed) -> None:
-    """Raise a ValueError naming `field`, the bad value and every allowed value."""
-    if value not in allowed:
-        raise ValueError(f'{field}={value!r} is not allowed; choose one of: '
-                         + ', '.join(repr(a) for a in allowed))
-
-
 def check_rate(field: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ValueError(f'{field}={value!r} is outside the allowed range [0, 1)')
-
-
-def close_matches(word: str, candidates) -> str:
-    """A ' Did you mean ...?' suffix for error messages, or '' when nothing is close."""
-    matches = difflib.get_close_matches(word, list(candidates), n=5, cutoff=0.6)
-    return f' Did you mean: {", ".join(matches)}?' if matches else ''
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from resnet_jax.models.design import BlockDesign, close_matches
+from resnet_jax.errors import close_matches
+from resnet_jax.models.design import BlockDesign
 from resnet_jax.models.resnet import ResNet
 
 IMAGENET = dict(stem='imagenet', stem_width=64, widths=(64, 128, 256, 512), num_classes=1000)

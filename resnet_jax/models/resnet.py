@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_jax.errors import check_choice
 from resnet_jax.models import cpu_conv
-from resnet_jax.models.design import BlockDesign, check_choice
+from resnet_jax.models.design import BlockDesign
 
 # Each stem: its conv kernel, the strides of its convs (three convs for 'deep') and whether a 3x3/2
 # max pool follows. 'r3d' is torchvision's video BasicStem (Tran et al. 2018), with kernel and stride

@@ -17,9 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.models.registry import PRESETS, close_matches, get_model, native_resolution
+from resnet_jax.errors import close_matches
+from resnet_jax.models.registry import PRESETS, get_model, native_resolution
 from resnet_jax.models.resnet import ResNet, param_count
-
 
 # torchvision's video GMACs are for 16-frame clips (r3d_18: 40.697 at 16x112x112).
 VIDEO_FRAMES = 16
@@ -67,7 +67,7 @@ def table(names: list[str]) -> str:
 
 def main(argv: list[str]) -> None:
     """argv: absl's (the program, then the preset names; none: every preset)."""
-    from resnet_jax.cli import UserError
+    from resnet_jax.errors import UserError
 
     for name in argv[1:]:
         if name not in PRESETS:

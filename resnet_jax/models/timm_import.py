@@ -15,10 +15,15 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from resnet_jax.models.design import close_matches
+from resnet_jax.errors import close_matches
 from resnet_jax.models.registry import PRESETS, get_model
 from resnet_jax.models.resnet import ResNet
-from resnet_jax.models.torchvision_import import check_layout, convert_state_dict, save_state_dict, to_state_dict
+from resnet_jax.models.torchvision_import import (
+    check_layout,
+    convert_state_dict,
+    save_state_dict,
+    to_state_dict,
+)
 
 # The design values under which timm-named weights compute what they computed in timm.
 TIMM_DESIGN = dict(placement=('post',), norm=('batch',), stride_in_1x1=(False,), activation=('relu',),

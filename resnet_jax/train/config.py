@@ -20,11 +20,11 @@ import re
 import ml_collections
 from ml_collections import config_dict
 
-from resnet_jax.cli import UserError
 from resnet_jax.data.augment import PAD_MODES
 from resnet_jax.data.sources import check_dataset_name
-from resnet_jax.models.design import BlockDesign, check_choice
-from resnet_jax.models.registry import PRESETS, close_matches, get_model
+from resnet_jax.errors import ConfigError, check_choice, close_matches
+from resnet_jax.models.design import BlockDesign
+from resnet_jax.models.registry import PRESETS, get_model
 from resnet_jax.train import finetune
 
 OPTIMIZERS = ('sgd', 'lars', 'adamw')
@@ -65,10 +65,6 @@ RANGES = {
     'model.num_classes': '[2, inf)',  # one class is no classification
     'model.head_init_std': '(0, inf)',
 }
-
-
-class ConfigError(UserError, ValueError):
-    """A config that cannot run; the message names the field and what is allowed."""
 
 
 def _model_section() -> ml_collections.ConfigDict:

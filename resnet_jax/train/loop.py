@@ -18,14 +18,16 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from resnet_jax import checkpoint
+from resnet_jax import checkpoint, sharding
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.data import pipeline, sources
+from resnet_jax.errors import ConfigError
 from resnet_jax.models import get_model
 from resnet_jax.models.summary import count_macs
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
-from resnet_jax.train import optim, sharding, step as step_lib
+from resnet_jax.train import optim
+from resnet_jax.train import step as step_lib
 
 # Dense bf16 peak TFLOP/s per device, matched as a substring of `device.device_kind`.
 PEAK_TFLOPS = {'H200': 989.0, 'H100': 989.0, 'A100': 312.0, 'L4': 121.0, 'V100': 125.0,
@@ -67,7 +69,7 @@ class Run:
         overrides = config_lib.model_overrides(config)
         classes = overrides.setdefault('num_classes', self.train_data.num_classes)
         if classes != self.train_data.num_classes:
-            raise config_lib.ConfigError(f'config.model.num_classes: {classes} differs from the '
+            raise ConfigError(f'config.model.num_classes: {classes} differs from the '
                                          f'{self.train_data.num_classes} classes of {config.data.dataset}')
         self.model = get_model(config.model.name, **overrides)
         self.mesh = sharding.make_mesh(config, devices)
@@ -97,7 +99,7 @@ class Run:
             loaded = checkpoint.warm_start(config.init_from, self.model, self.abstract_state.params,
                                            self.abstract_state.batch_stats, config.init_head)
         except ValueError as e:
-            raise config_lib.ConfigError(f'config.init_from: {e}') from None
+            raise ConfigError(f'config.init_from: {e}') from None
         state = self.initial_state()
         params, batch_stats = jax.tree_util.tree_map(  # a replaced head keeps its initialisation
             lambda w, fresh: fresh if isinstance(w, jax.ShapeDtypeStruct) else w, loaded,

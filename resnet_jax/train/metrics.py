@@ -19,7 +19,13 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from resnet_jax.workdir import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR, append_line, read_jsonl
+from resnet_jax.workdir import (
+    CURVES_FILE,
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    append_line,
+    read_jsonl,
+)
 
 
 def _to_python(key: str, value) -> int | float | None:

@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from resnet_jax import sharding
 from resnet_jax.data import arrays, augment, pipeline
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
-from resnet_jax.train import sharding, step as step_lib
+from resnet_jax.train import step as step_lib
 from resnet_jax.train.loop import NonFiniteError, Run
 from resnet_jax.workdir import mark_done
 

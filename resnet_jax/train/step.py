@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from resnet_jax.data import augment, device as device_data
-from resnet_jax.train import finetune, sharding
+from resnet_jax import sharding
+from resnet_jax.data import augment
+from resnet_jax.data import device as device_data
+from resnet_jax.train import finetune
 
 
 @flax.struct.dataclass
