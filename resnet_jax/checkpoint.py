@@ -13,6 +13,9 @@ every process has finished, so a save killed halfway is never listed as a checkp
 checkpoints are deleted only after a newer one is complete. Kept: the newest
 `keep_checkpoints`, plus the best `keep_best_checkpoints` by `best_metric`.
 
+A new run may start from other weights (`init_from`, see `warm_start`); `check_config` refuses
+checkpoint and initialisation fields that cannot work before anything is built.
+
 Once a save is complete, process 0 writes `SHA256SUMS.json` into its step directory: the size and
 SHA-256 of every file (Orbax and TensorStore keep no checksums of their own by default). Restore
 tells damage from misuse:
@@ -48,9 +51,14 @@ from etils.epath import gpath
 from jax.experimental import multihost_utils
 
 from resnet_jax import workdir as workdir_lib
+from resnet_jax.errors import check_field_choice, refuse
 
 ITEMS = ('state', 'data', 'meta')
 SUMS_FILE = 'SHA256SUMS.json'
+BEST_MODES = ('max', 'min')  # best_mode: whether a larger or a smaller best_metric is better
+# What best_metric may rank checkpoints by: the metrics an evaluation logs, of the raw or the EMA
+# parameters, on the eval split or on the held-out part of the training split.
+EVAL_METRICS = tuple(f'{p}/{m}' for p in ('eval', 'ema_eval', 'val', 'ema_val') for m in ('top1', 'top5', 'loss'))
 
 
 def _literal_glob(self, pattern: str):
@@ -150,6 +158,7 @@ def check_fits(saved, abstract_state, where: str) -> None:
 
 @dataclasses.dataclass
 class Restored:
+    """One checkpoint read back: its step, the train state on the current mesh, and its other items."""
     step: int
     state: Any
     data: dict   # the data iterator's state
@@ -157,6 +166,9 @@ class Restored:
 
 
 class Manager:
+    """The checkpoints of one run directory: asynchronous saves with checksums, the retention policy of
+    the config (newest and best), and restores that set damaged steps aside (module docstring)."""
+
     def __init__(self, directory: str, config, read_only: bool = False):
         policies = ocp.checkpoint_managers
         keep = [policies.LatestN(config.keep_checkpoints)]
@@ -181,6 +193,7 @@ class Manager:
         self._unsummed.append(step)
 
     def steps(self) -> list[int]:
+        """The steps saved in the directory, oldest first."""
         return sorted(self._manager.all_steps())
 
     def restore(self, abstract_state, step: int | None = None, restart_from_scratch: bool = False
@@ -320,6 +333,25 @@ def step_dir(path: str) -> str:
 
 INIT_SOURCES = ('checkpoint:<workdir or step dir>', 'torchvision:<file.pth or .safetensors>',
                 'timm:<file.pth or .safetensors>')
+INIT_HEADS = ('keep', 'replace')  # init_head: the source's classifier head, or a fresh one
+
+
+def check_config(config) -> None:
+    """Refuse checkpoint and initialisation fields that cannot work: a best_metric this run does not
+    compute, an unknown best_mode or init_head, an init_from of another kind or whose path is missing."""
+    check_field_choice('best_mode', config.best_mode, BEST_MODES)
+    check_field_choice('best_metric', config.best_metric, EVAL_METRICS)
+    if config.best_metric.startswith('ema_') and not config.optim.ema_decay:
+        refuse('best_metric', f'{config.best_metric} needs EMA parameters (optim.ema_decay > 0)')
+    if config.best_metric.split('/')[0] in ('val', 'ema_val') and not config.data.validation_split:
+        refuse('best_metric', f'{config.best_metric} needs held-out examples (data.validation_split > 0)')
+    kinds = tuple(source.partition(':')[0] + ':' for source in INIT_SOURCES)
+    if config.init_from and not config.init_from.startswith(kinds):
+        refuse('init_from', f'{config.init_from!r}: use ' + ', '.join(repr(s) for s in INIT_SOURCES[:-1])
+                            + f' or {INIT_SOURCES[-1]!r}')
+    if config.init_from and not os.path.exists(config.init_from.partition(':')[2]):
+        refuse('init_from', f'{config.init_from.partition(":")[2]} does not exist')
+    check_field_choice('init_head', config.init_head, INIT_HEADS)
 
 
 def warm_start(spec: str, model, params, batch_stats, init_head: str = 'keep') -> tuple[dict, dict]:

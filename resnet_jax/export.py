@@ -28,6 +28,7 @@ from flax import serialization
 
 from resnet_jax.errors import UserError
 from resnet_jax.models import get_model
+from resnet_jax.models.registry import model_overrides
 from resnet_jax.train import config as config_lib
 
 FORMATS = ('flax', 'torchvision', 'timm')
@@ -54,7 +55,7 @@ def export(workdir: str, out: str, step: int | None = None, ema: bool = False, f
         if not out.endswith('.safetensors'):
             raise UserError(f'--format={format} writes safetensors; name the file <name>.safetensors, not {out}')
         resolved = config_lib.load_resolved(workdir)
-        _torch_format(format)[0](get_model(resolved.model.name, **config_lib.model_overrides(resolved)))
+        _torch_format(format)[0](get_model(resolved.model.name, **model_overrides(resolved)))
     if ema and not config_lib.load_resolved(workdir).optim.ema_decay:  # before any data is loaded
         raise UserError(f'{workdir} was trained without EMA (optim.ema_decay = 0); export without --ema')
     run, restored = restore_workdir(workdir, step)
@@ -66,7 +67,7 @@ def export(workdir: str, out: str, step: int | None = None, ema: bool = False, f
             f.write(serialization.to_bytes(variables))
     else:
         _torch_format(format)[1](variables, run.model, out)
-    info = {'model': config.model.name, 'overrides': dict(config_lib.model_overrides(config),
+    info = {'model': config.model.name, 'overrides': dict(model_overrides(config),
                                                           num_classes=run.model.num_classes),
             'image_size': config.data.image_size, 'mean': np.asarray(run.mean).tolist(),
             'std': np.asarray(run.std).tolist(),

@@ -4,7 +4,8 @@ The mesh has a 'data' and an 'fsdp' axis. A batch is split over both (every devi
 different examples); parameters and optimizer state are replicated, or, for the paths the
 config's rules mark 'fsdp', split along their largest dimension that the 'fsdp' axis
 divides. Under `jax.jit` on such global arrays, BatchNorm statistics are those of the
-global batch with no collective written by hand.
+global batch with no collective written by hand. `check_config` refuses a `mesh` section that does
+not fit the devices before anything is built.
 """
 
 from __future__ import annotations
@@ -16,21 +17,48 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resnet_jax.errors import check_field_choice, check_field_regex, refuse
+
 BATCH_AXES = ('data', 'fsdp')
+PARAM_RULES = ('replicate', 'fsdp')  # what mesh.param_rules may do with the parameters a pattern matches
+
+
+def mesh_shape(config, num_devices: int) -> tuple[int, int]:
+    """(data, fsdp) axis sizes of config.mesh on `num_devices` devices; data=-1 takes every device
+    that the fsdp axis leaves."""
+    fsdp = config.mesh.fsdp
+    return (num_devices // fsdp if config.mesh.data == -1 else config.mesh.data), fsdp
+
+
+def check_config(config, num_devices: int) -> tuple[int, int]:
+    """The (data, fsdp) mesh shape, after refusing param_rules that are not (regex, rule) pairs and axis
+    sizes that do not multiply to `num_devices`."""
+    for pattern, rule in config.mesh.param_rules:
+        check_field_choice('mesh.param_rules', rule, PARAM_RULES)
+        check_field_regex('mesh.param_rules', pattern)
+    fsdp = config.mesh.fsdp
+    if fsdp < 1 or num_devices % fsdp:
+        refuse('mesh.fsdp', f'{fsdp} must be a positive divisor of the {num_devices} devices')
+    data, _ = mesh_shape(config, num_devices)
+    if data < 1 or data * fsdp != num_devices:
+        refuse('mesh.data', f'mesh data={config.mesh.data} x fsdp={fsdp} does not fit the {num_devices} '
+                            f'devices; use data=-1 or data={num_devices // fsdp}')
+    return data, fsdp
 
 
 def make_mesh(config, devices=None) -> Mesh:
+    """The ('data', 'fsdp') mesh of config.mesh over `devices` (default: every device of every process)."""
     devices = jax.devices() if devices is None else devices
-    fsdp = config.mesh.fsdp
-    data = len(devices) // fsdp if config.mesh.data == -1 else config.mesh.data
-    return Mesh(np.asarray(devices).reshape(data, fsdp), ('data', 'fsdp'))
+    return Mesh(np.asarray(devices).reshape(mesh_shape(config, len(devices))), ('data', 'fsdp'))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches split along their first axis over every device (both mesh axes)."""
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device (scalars, RNG keys, replicated parameters)."""
     return NamedSharding(mesh, P())
 
 

@@ -7,6 +7,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from resnet_jax.errors import ConfigError
+from resnet_jax.models.registry import model_overrides
 from resnet_jax.train import config as config_lib
 from resnet_jax.train.config import validate
 
@@ -26,7 +27,7 @@ def test_command_line_overrides_reach_every_level():
     c = parse('--config.optim.lr=0.2', '--config.model.skip=none', '--config.model.stage_sizes=(2,2,2)',
               '--config.mesh.fsdp=2', '--config.batch_size=256', '--config.eval_batch_size=400')
     assert c.optim.lr == 0.2 and c.batch_size == 256 and c.mesh.fsdp == 2
-    assert config_lib.model_overrides(c) == {'skip': 'none', 'stage_sizes': (2, 2, 2)}
+    assert model_overrides(c) == {'skip': 'none', 'stage_sizes': (2, 2, 2)}
     validate(c, num_devices=8, num_train=10_000)
 
 

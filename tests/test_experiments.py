@@ -15,6 +15,7 @@ from ml_collections import config_flags
 from resnet_jax import sweep
 from resnet_jax.errors import ConfigError
 from resnet_jax.models import get_model, param_count
+from resnet_jax.models.registry import model_overrides
 from resnet_jax.train import config as config_lib
 
 ROOT = Path(__file__).parents[1]
@@ -81,7 +82,7 @@ def test_experiment_file(path):
 
 def sweep_models(spec: str) -> dict[str, tuple[str, dict]]:
     _, runs = sweep.expand(str(ROOT / spec), '/tmp/unused')
-    return {run.name: (c.model.name, config_lib.model_overrides(c))
+    return {run.name: (c.model.name, model_overrides(c))
             for run, c in zip(runs, sweep.validate_runs(runs, check_data=False))}
 
 

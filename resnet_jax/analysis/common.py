@@ -23,7 +23,7 @@ from resnet_jax import workdir as workdir_lib
 from resnet_jax.data import augment, pipeline
 from resnet_jax.errors import check_choice
 from resnet_jax.models import get_model
-from resnet_jax.train import config as config_lib
+from resnet_jax.models.registry import model_overrides
 from resnet_jax.train import step as step_lib
 
 SPLITS = ('eval', 'train')
@@ -59,7 +59,7 @@ class Options:
 
 def model_of(config):
     """The network a config describes, without building its run (cheap: for checks before any work)."""
-    return get_model(config.model.name, **config_lib.model_overrides(config))
+    return get_model(config.model.name, **model_overrides(config))
 
 
 def kind(model) -> str:

@@ -4,7 +4,8 @@ Where an augmentation runs depends on the feed: in-memory feeds ('host', 'device
 already at the training size and augment inside the jitted train step; the 'stream' feed
 decodes variable-size images in Grain workers and augments them there. CIFAR augmentation
 exists in both places and computes the same pixels from the same offsets and flips. Mixup
-and CutMix mix whole batches, so they always run on the device.
+and CutMix mix whole batches, so they always run on the device. `check_config` refuses
+augmentation and normalisation fields of `config.data` that cannot work together.
 """
 
 from __future__ import annotations
@@ -16,12 +17,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, check_field_choice, refuse
 
+AUGMENTATIONS = ('none', 'cifar', 'inception')  # data.augment: nothing, pad-crop-flip, random-resized crop
+NORMALIZATIONS = ('per_channel', 'per_pixel_mean')  # data.normalize: (x - mean) / std, or x - mean image
 CIFAR_PAD = 4
 # How the CIFAR crop pads the image, as numpy.pad modes: black (He et al.) or mirrored without repeating the
 # edge (Zagoruyko & Komodakis's script); jnp.pad computes the same pixels on the device.
 PAD_MODES = {'zero': 'constant', 'reflect': 'reflect'}
+
+
+def check_config(config) -> None:
+    """Refuse augmentation and normalisation fields of config.data that are unknown or do not fit
+    together (the feed-dependent limits are checked with the feed)."""
+    d = config.data
+    check_field_choice('data.augment', d.augment, AUGMENTATIONS)
+    if (d.mean is None) != (d.std is None):
+        refuse('data.mean', 'set both data.mean and data.std, or neither')
+    for field in ('mean', 'std'):
+        if d[field] is not None and len(d[field]) != 3:
+            refuse(f'data.{field}', f'needs one value per RGB channel, got {d[field]}')
+    check_field_choice('data.normalize', d.normalize, NORMALIZATIONS)
+    check_field_choice('data.pad_mode', d.pad_mode, tuple(PAD_MODES))
+    if d.normalize == 'per_pixel_mean' and d.mean is not None:
+        refuse('data.mean', "data.mean/data.std are per-channel values for data.normalize='per_channel'")
+    if (d.pad_mode != 'zero' or d.pad_after_normalize) and d.augment != 'cifar':
+        refuse('data.pad_mode', f"pad_mode and pad_after_normalize set the 'cifar' crop; data.augment is {d.augment!r}")
 
 
 # ---- host, one example at a time -----------------------------------------------------------
@@ -67,6 +88,8 @@ def cifar_crop_flip_host(image: np.ndarray, offset_y: int, offset_x: int, flip: 
 
 
 def cifar_augment_host(rng: np.random.Generator, image: np.ndarray, pad_mode: str = 'zero') -> np.ndarray:
+    """He et al.'s CIFAR augmentation of one image on the host (the 'stream' feed), with offsets and flip
+    drawn from `rng`; the same pixels as `cifar_augment` on the device."""
     offset_y, offset_x = rng.integers(0, 2 * CIFAR_PAD + 1, 2)
     return cifar_crop_flip_host(image, int(offset_y), int(offset_x), bool(rng.random() < 0.5), pad_mode)
 

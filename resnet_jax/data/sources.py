@@ -12,6 +12,7 @@ and `name(i)` for error messages. `open_source(config, split)` picks one from
 
 `load(config, split)` decodes a whole source into an `ArrayDataset` for the in-memory feeds, and
 `class_names(config)` is the label map (class names in label order) that training records.
+`check_config` refuses a dataset name or data.on_corrupt value that cannot be read.
 """
 
 from __future__ import annotations
@@ -24,19 +25,30 @@ from concurrent import futures
 import numpy as np
 
 from resnet_jax.data import arrays, augment, shapes
-from resnet_jax.errors import UserError, close_matches
+from resnet_jax.errors import UserError, check_field_choice, close_matches, refuse
 
 DATASETS = ('shapes', 'synthetic', 'folder:<path>', 'tfds:<name>[:<version>]')
+ON_CORRUPT = ('error', 'skip')  # data.on_corrupt: an unreadable image stops the run, or is left out and counted
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
 
 
 def check_dataset_name(dataset: str) -> None:
+    """Raise a ValueError unless `dataset` has one of the forms of DATASETS (before anything is read)."""
     if dataset in ('shapes', 'synthetic'):
         return
     for prefix in ('folder:', 'tfds:'):
         if dataset.startswith(prefix) and dataset[len(prefix):]:
             return
     raise ValueError(f'{dataset!r} is not supported; choose one of: {", ".join(DATASETS)}')
+
+
+def check_config(config) -> None:
+    """Refuse a data.dataset of no known form and an unknown data.on_corrupt, naming the field."""
+    try:
+        check_dataset_name(config.data.dataset)
+    except ValueError as e:
+        refuse('data.dataset', str(e))
+    check_field_choice('data.on_corrupt', config.data.on_corrupt, ON_CORRUPT)
 
 
 class DatasetError(UserError, ValueError):
@@ -98,6 +110,7 @@ class FolderSource:
 
     @property
     def num_classes(self) -> int:
+        """How many classes the labels range over (the source protocol of the module docstring)."""
         return len(self.classes)
 
     def __len__(self) -> int:
@@ -107,6 +120,7 @@ class FolderSource:
         return self.paths[i], int(self.labels[i])
 
     def name(self, i: int) -> str:
+        """Record i as an error message names it (the file, or the TFDS record and split)."""
         return self.paths[i]
 
 
@@ -167,6 +181,7 @@ class TfdsSource:
         return record[self.image_key], int(record[self.label_key])
 
     def name(self, i: int) -> str:
+        """Record i as an error message names it (the file, or the TFDS record and split)."""
         return f'record {i} of tfds:{self.spec} split {self.split!r}'
 
 
@@ -182,10 +197,12 @@ class Subset:
 
     @property
     def num_classes(self) -> int:
+        """How many classes the labels range over (the source protocol of the module docstring)."""
         return self.source.num_classes
 
     @property
     def classes(self) -> tuple[str, ...]:
+        """The class names in label order: those of the source the subset is drawn from."""
         return self.source.classes
 
     def __len__(self) -> int:
@@ -195,6 +212,7 @@ class Subset:
         return self.source[int(self.indices[i])]
 
     def name(self, i: int) -> str:
+        """Record i as an error message names it (the file, or the TFDS record and split)."""
         return self.source.name(int(self.indices[i]))
 
 

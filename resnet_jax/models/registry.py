@@ -1,14 +1,16 @@
 """Named presets: each one is a set of `ResNet` and `BlockDesign` field values.
 
 `get_model('resnet56', skip='none')` builds a preset with any field overridden, so every
-point of the design space between the presets is reachable by name plus overrides.
+point of the design space between the presets is reachable by name plus overrides. A run's
+config names its network the same way (`config.model`: a preset name and the fields it overrides);
+`check_config` builds that network or says which field cannot.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from resnet_jax.errors import close_matches
+from resnet_jax.errors import close_matches, refuse
 from resnet_jax.models.design import BlockDesign
 from resnet_jax.models.resnet import ResNet
 
@@ -88,6 +90,7 @@ DESIGN_FIELDS = tuple(f.name for f in dataclasses.fields(BlockDesign))
 
 
 def list_models() -> list[str]:
+    """Every preset name, sorted (for listings and error messages)."""
     return sorted(PRESETS)
 
 
@@ -114,3 +117,25 @@ def native_resolution(model: ResNet) -> int:
     if model.stem == 'cifar':
         return 32
     return 112 if model.spatial_dims == 3 else 224
+
+
+def model_overrides(config) -> dict:
+    """The model fields that a run's config sets, for `get_model(config.model.name, **overrides)`."""
+    return {k: v for k, v in config.model.items() if k != 'name' and v is not None}
+
+
+def check_config(config) -> ResNet:
+    """The network config.model describes; an unknown preset, a field value the design refuses, or a
+    video network (the data pipelines feed images) is a ConfigError naming the field."""
+    name = config.model.name
+    if name not in PRESETS:
+        refuse('model.name', f'unknown model {name!r}.{close_matches(name, PRESETS)}'
+                             ' Run python -m resnet_jax.models.summary for the list.')
+    try:
+        model = get_model(name, **model_overrides(config))
+    except ValueError as e:
+        refuse('model', str(e))
+    if model.spatial_dims != 2:
+        refuse('model.name', f'{name!r} is a video network (NTHWC clips) and the data pipelines '
+                             'feed images; use it from Python (resnet_jax.models.get_model) with video input')
+    return model

@@ -1,10 +1,22 @@
-"""The config tree of a run: defaults, derived values, and the checks made before compiling.
+"""The config tree of a run: its defaults, loading it from an experiment file, and validating it.
 
 Experiment files under `experiments/` start from `base_config()` and change what their study
 needs. Every field exists in the base (model overrides as typed placeholders), so the
 command line can override any of them and an unknown or ill-typed one fails at parse time.
 `validate(config, num_devices)` then refuses impossible combinations with a message naming
-the field and what is allowed, before any data is loaded or anything is traced.
+the field and what is allowed, before any data is loaded or anything is traced. Each subsystem
+checks its own section next to the code that implements it (the choice lists live there too):
+
+    model               resnet_jax.models.registry.check_config
+    data                resnet_jax.data.sources / resnet_jax.data.augment .check_config
+    optim (schedule)    resnet_jax.train.optim.check_config / check_schedule
+    finetune            resnet_jax.train.finetune.check_config
+    checkpoint, init    resnet_jax.checkpoint.check_config
+    mesh                resnet_jax.sharding.check_config
+
+and `validate` composes them with the checks that span sections: value ranges (one table, `RANGES`),
+the feed, and the batch against the mesh. The resolved config is stored with a run as JSON
+(`write_resolved`, `load_resolved`), and a resumed run may differ from it only in SAFE_TO_CHANGE.
 """
 
 from __future__ import annotations
@@ -15,39 +27,29 @@ import inspect
 import json
 import math
 import os
-import re
 
 import ml_collections
 from ml_collections import config_dict
 
-from resnet_jax.data.augment import PAD_MODES
-from resnet_jax.data.sources import check_dataset_name
-from resnet_jax.errors import ConfigError, check_choice, close_matches
+from resnet_jax import checkpoint, sharding
+from resnet_jax import workdir as workdir_lib
+from resnet_jax.data import augment, sources
+from resnet_jax.errors import ConfigError, check_field_choice, close_matches, refuse
+from resnet_jax.models import registry
 from resnet_jax.models.design import BlockDesign
-from resnet_jax.models.registry import PRESETS, get_model
-from resnet_jax.train import finetune
+from resnet_jax.train import finetune, optim
 
-OPTIMIZERS = ('sgd', 'lars', 'adamw')
-SCHEDULES = ('piecewise', 'cosine', 'constant')
-WARMUPS = ('linear', 'constant', 'linear_from_base')
-DECAY_TYPES = ('l2', 'decoupled')
-AUGMENTATIONS = ('none', 'cifar', 'inception')
 FEEDS = ('host', 'device', 'stream')
-ON_CORRUPT = ('error', 'skip')
 NONFINITE = ('stop', 'skip')
-BEST_MODES = ('max', 'min')
-EVAL_METRICS = tuple(f'{p}/{m}' for p in ('eval', 'ema_eval', 'val', 'ema_val') for m in ('top1', 'top5', 'loss'))
-NORMALIZATIONS = ('per_channel', 'per_pixel_mean')
 # Fields a resumed run may change without --config.resume_allow_changes: they do not alter what
 # is computed (num_steps/num_epochs extend or shorten the run, and change schedules that depend on it).
 SAFE_TO_CHANGE = ('log_every_steps', 'progress_seconds', 'eval_every_steps', 'eval_batch_size',
                   'checkpoint_every_steps', 'keep_checkpoints', 'keep_best_checkpoints', 'best_metric', 'best_mode',
                   'peak_tflops_per_device', 'data.workers', 'num_steps', 'num_epochs', 'resume_allow_changes',
                   'init_from', 'init_head')
-PARAM_RULES = ('replicate', 'fsdp')
-INIT_HEADS = ('keep', 'replace')
 # The allowed range of every numeric field that has one (for a tuple, of each element); the model's
-# design fields are checked by the model itself, and every float of the config must be finite.
+# design fields are checked by the model itself, and every float of the config must be finite. One table
+# for every section: the ranges are data, checked and phrased the same way whichever subsystem owns them.
 RANGES = {
     'batch_size': '[1, inf)', 'eval_batch_size': '[1, inf)', 'num_steps': '[1, inf)', 'num_epochs': '(0, inf)',
     'seed': '[0, 2147483648)', 'log_every_steps': '[1, inf)', 'progress_seconds': '[0, inf)',
@@ -85,6 +87,8 @@ def _model_section() -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every field of a run's config with its default, locked: experiment files and the command line
+    start from it and may change fields, never add them."""
     c = ml_collections.ConfigDict()
     c.model = _model_section()
 
@@ -241,30 +245,36 @@ def check_field(config, name: str, prefix: str = 'config.') -> None:
         node, done = node[part], done + [part]
 
 
-def model_overrides(config) -> dict:
-    """The model fields that a config sets, for `get_model(config.model.name, **overrides)`."""
-    return {k: v for k, v in config.model.items() if k != 'name' and v is not None}
+def validate(config, num_devices: int, num_train: int | None = None) -> None:
+    """Refuse a config that cannot run on `num_devices` devices; cheap, before any tracing. With
+    `num_train` (the training set's size) the step counts that depend on it are checked too."""
+    _check_ranges(config)
+    model = registry.check_config(config)
+    check_field_choice('nonfinite', config.nonfinite, NONFINITE)
+    sources.check_config(config)
+    augment.check_config(config)
+    _check_feed(config.data)
+    optim.check_config(config, model)
+    finetune.check_config(config, model)
+    checkpoint.check_config(config)
 
+    data, fsdp = sharding.check_config(config, num_devices)
+    shards = data * fsdp
+    for field in ('batch_size', 'eval_batch_size'):
+        if config[field] % shards:
+            refuse(field, f'{config[field]} is not divisible by the {shards} data shards '
+                          f'(mesh data={data} x fsdp={fsdp}); use a multiple of {shards}')
+    group, local = model.design.bn_group_size, config.batch_size // shards
+    if group and (config.batch_size % group or (local % group and group % local)):
+        refuse('model.bn_group_size', f'BatchNorm groups of {group} must split the batch of {config.batch_size} and '
+                                      f'never straddle its {shards} data shards of {local}: use a divisor of {local}, '
+                                      f'or a multiple of it that divides {config.batch_size} (groups of whole shards)')
 
-def _fail(field: str, message: str):
-    raise ConfigError(f'config.{field}: {message}')
-
-
-def steps_per_epoch(config, num_train: int) -> float:
-    return num_train / config.batch_size
-
-
-def total_steps(config, num_train: int) -> int:
-    if config.num_steps is not None:
-        return config.num_steps
-    return max(1, round(config.num_epochs * steps_per_epoch(config, num_train)))
-
-
-def schedule_steps(config, num_train: int) -> tuple[list[int], int]:
-    """(lr boundaries, warm-up length) in steps, whether the config gives them in steps or epochs."""
-    o, per_epoch = config.optim, steps_per_epoch(config, num_train)
-    boundaries = [int(b) for b in o.boundaries] or [round(e * per_epoch) for e in o.boundary_epochs]
-    return boundaries, round(o.warmup_steps or o.warmup_epochs * per_epoch)
+    if num_train is not None:
+        if config.data.feed == 'device' and config.batch_size > num_train // shards * shards:
+            refuse('batch_size', f"{config.batch_size} exceeds the {num_train // shards * shards} examples that "
+                                 f"data.feed='device' holds over {shards} shards; use a smaller batch or data.feed='host'")
+        optim.check_schedule(config, num_train)
 
 
 def _check_ranges(config) -> None:
@@ -274,18 +284,18 @@ def _check_ranges(config) -> None:
     for field, value in flat.items():
         for v in value if isinstance(value, (tuple, list)) else (value,):
             if isinstance(v, float) and not math.isfinite(v):
-                _fail(field, f'must be a finite number, got {value!r}')
+                refuse(field, f'must be a finite number, got {value!r}')
     for field, interval in RANGES.items():
         value = flat[field]
         for v in value if isinstance(value, (tuple, list)) else (value,):
             if v is not None and not _in_range(v, interval):
-                _fail(field, f'must be {_describe(interval)}, got {value!r}')
+                refuse(field, f'must be {_describe(interval)}, got {value!r}')
     for field in ('optim.boundaries', 'optim.boundary_epochs'):
         if list(flat[field]) != sorted(set(flat[field])):
-            _fail(field, f'must be strictly increasing, got {flat[field]!r}')
+            refuse(field, f'must be strictly increasing, got {flat[field]!r}')
     for name in config.resume_allow_changes:
         if name not in flat:
-            _fail('resume_allow_changes', f'{name!r} is not a config field.{close_matches(name, flat)}')
+            refuse('resume_allow_changes', f'{name!r} is not a config field.{close_matches(name, flat)}')
 
 
 def _in_range(value, interval: str) -> bool:
@@ -302,180 +312,18 @@ def _describe(interval: str) -> str:
     return f'in {interval}'
 
 
-def validate(config, num_devices: int, num_train: int | None = None) -> None:
-    """Refuse a config that cannot run on `num_devices` devices; cheap, before any tracing."""
-    _check_ranges(config)
-    if config.model.name not in PRESETS:
-        _fail('model.name', f'unknown model {config.model.name!r}.{close_matches(config.model.name, PRESETS)}'
-                            ' Run python -m resnet_jax.models.summary for the list.')
-    try:
-        model = get_model(config.model.name, **model_overrides(config))
-    except ValueError as e:
-        _fail('model', str(e))
-    if model.spatial_dims != 2:
-        _fail('model.name', f'{config.model.name!r} is a video network (NTHWC clips) and the data pipelines '
-                            'feed images; use it from Python (resnet_jax.models.get_model) with video input')
-
-    _check_choice('optim.name', config.optim.name, OPTIMIZERS)
-    _check_choice('optim.schedule', config.optim.schedule, SCHEDULES)
-    _check_choice('optim.warmup', config.optim.warmup, WARMUPS)
-    _check_choice('optim.decay_type', config.optim.decay_type, DECAY_TYPES)
-    _check_choice('data.augment', config.data.augment, AUGMENTATIONS)
-    _check_choice('data.feed', config.data.feed, FEEDS)
-    _check_choice('nonfinite', config.nonfinite, NONFINITE)
-    _check_choice('best_mode', config.best_mode, BEST_MODES)
-    _check_choice('best_metric', config.best_metric, EVAL_METRICS)
-    if config.best_metric.startswith('ema_') and not config.optim.ema_decay:
-        _fail('best_metric', f'{config.best_metric} needs EMA parameters (optim.ema_decay > 0)')
-    if config.init_from and not config.init_from.startswith(('checkpoint:', 'torchvision:', 'timm:')):
-        _fail('init_from', f"{config.init_from!r}: use 'checkpoint:<workdir or step dir>', "
-                           "'torchvision:<file.pth or .safetensors>' or 'timm:<file.pth or .safetensors>'")
-    if config.init_from and not os.path.exists(config.init_from.partition(':')[2]):
-        _fail('init_from', f'{config.init_from.partition(":")[2]} does not exist')
-    _check_data(config.data)
-    if config.best_metric.split('/')[0] in ('val', 'ema_val') and not config.data.validation_split:
-        _fail('best_metric', f'{config.best_metric} needs held-out examples (data.validation_split > 0)')
-    _check_decay_exclude(config)
-    _check_finetune(config)
-    for pattern, rule in config.mesh.param_rules:
-        _check_choice('mesh.param_rules', rule, PARAM_RULES)
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            _fail('mesh.param_rules', f'{pattern!r} is not a regular expression: {e}')
-    if config.optim.name == 'lars' and config.optim.decay_type != 'l2':
-        _fail('optim.decay_type', "LARS applies weight decay inside its trust ratio; use decay_type='l2'")
-
-    if (config.num_steps is None) == (config.num_epochs is None):
-        _fail('num_steps', 'set exactly one of num_steps and num_epochs '
-                           f'(got num_steps={config.num_steps}, num_epochs={config.num_epochs})')
-    if config.optim.boundaries and config.optim.boundary_epochs:
-        _fail('optim.boundaries', 'give schedule boundaries in steps or in epochs (optim.boundary_epochs), not both')
-    if config.optim.warmup_steps and config.optim.warmup_epochs:
-        _fail('optim.warmup_steps', 'give the warm-up in steps or in epochs (optim.warmup_epochs), not both')
-
-    fsdp, data = config.mesh.fsdp, config.mesh.data
-    if fsdp < 1 or num_devices % fsdp:
-        _fail('mesh.fsdp', f'{fsdp} must be a positive divisor of the {num_devices} devices')
-    data = num_devices // fsdp if data == -1 else data
-    if data < 1 or data * fsdp != num_devices:
-        _fail('mesh.data', f'mesh data={config.mesh.data} x fsdp={fsdp} does not fit the {num_devices} '
-                           f'devices; use data=-1 or data={num_devices // fsdp}')
-    shards = data * fsdp
-    for field in ('batch_size', 'eval_batch_size'):
-        if config[field] % shards:
-            _fail(field, f'{config[field]} is not divisible by the {shards} data shards '
-                         f'(mesh data={data} x fsdp={fsdp}); use a multiple of {shards}')
-    group, local = model.design.bn_group_size, config.batch_size // shards
-    if group and (config.batch_size % group or (local % group and group % local)):
-        _fail('model.bn_group_size', f'BatchNorm groups of {group} must split the batch of {config.batch_size} and '
-                                     f'never straddle its {shards} data shards of {local}: use a divisor of {local}, '
-                                     f'or a multiple of it that divides {config.batch_size} (groups of whole shards)')
-
-    if num_train is not None:
-        if config.data.feed == 'device' and config.batch_size > num_train // shards * shards:
-            _fail('batch_size', f"{config.batch_size} exceeds the {num_train // shards * shards} examples that "
-                                f"data.feed='device' holds over {shards} shards; use a smaller batch or data.feed='host'")
-        steps = total_steps(config, num_train)
-        boundaries, warmup = schedule_steps(config, num_train)
-        for b in boundaries if config.optim.schedule == 'piecewise' else []:
-            if not warmup < b < steps:
-                _fail('optim.boundaries', f'boundary at step {b} is outside the run after warm-up '
-                                          f'({warmup + 1}..{steps - 1}); training has {steps} steps')
-        if warmup >= steps:
-            _fail('optim.warmup_steps', f'warm-up of {warmup} steps does not end before the {steps} training steps')
-
-
-def _check_finetune(config) -> None:
-    """The fine-tuning fields; patterns are checked against the model's parameter paths (an abstract init)."""
-    f = config.finetune
-    _check_choice('init_head', config.init_head, INIT_HEADS)
-    _check_choice('finetune.freeze_batch_stats', f.freeze_batch_stats, finetune.FREEZE_BATCH_STATS)
-    if f.linear_probe:
-        for field, off in (('finetune.freeze', ()), ('finetune.freeze_batch_stats', 'none'),
-                           ('finetune.layer_lr_decay', 1.0), ('optim.ema_decay', 0.0), ('data.mixup_alpha', 0.0),
-                           ('data.cutmix_alpha', 0.0)):
-            if config[field] != off:
-                _fail(field, f'{config[field]!r} does not apply to finetune.linear_probe, which trains only the '
-                             f'head, without augmentation, on features computed once in eval mode; leave it at {off!r}')
-    for pattern in f.freeze:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            _fail('finetune.freeze', f'{pattern!r} is not a regular expression: {e}')
-    if not f.freeze and f.freeze_batch_stats == 'none':
-        return
-    names = finetune.variable_names(get_model(config.model.name, **model_overrides(config)), config.data.image_size)
-    params = names['params']
-    if f.freeze_batch_stats != 'none' and not names['batch_stats']:
-        _fail('finetune.freeze_batch_stats', f'{f.freeze_batch_stats!r} needs BatchNorm layers, and this model has '
-                                             "none; use 'none'")
-    for pattern in finetune.unmatched(f.freeze, params):
-        tops = sorted({n.split('/')[1] for n in params})
-        _fail('finetune.freeze', f'{pattern!r} matches no parameter of {config.model.name}. Patterns are '
-                                 f'fullmatched against paths such as {", ".join(params[:3])}, {params[-1]}; '
-                                 f'the top-level modules are {", ".join(tops)}')
-    frozen = finetune.frozen_fn(config) or (lambda name: False)
-    if f.freeze and all(frozen(n) for n in params):
-        _fail('finetune.freeze', f'{tuple(f.freeze)} freezes every parameter; nothing would train')
-    if f.freeze_batch_stats == 'frozen':
-        norms = {n.rsplit('/', 1)[0].replace('batch_stats/', 'params/', 1) for n in names['batch_stats']}
-        if not any(frozen(f'{n}/scale') and frozen(f'{n}/bias') for n in norms):
-            _fail('finetune.freeze_batch_stats', "'frozen' puts the BatchNorms whose scale and bias are frozen "
-                                                 f'in eval mode, and finetune.freeze={tuple(f.freeze)} freezes none')
-
-
-def _check_data(d) -> None:
-    try:
-        check_dataset_name(d.dataset)
-    except ValueError as e:
-        _fail('data.dataset', str(e))
-    _check_choice('data.on_corrupt', d.on_corrupt, ON_CORRUPT)
+def _check_feed(d) -> None:
+    """data.feed, and what the other data fields need of it."""
+    check_field_choice('data.feed', d.feed, FEEDS)
     if d.augment == 'inception' and d.feed != 'stream':
-        _fail('data.augment', "'inception' crops variable-size images on the host; it needs data.feed='stream'")
+        refuse('data.augment', "'inception' crops variable-size images on the host; it needs data.feed='stream'")
     if d.feed == 'stream' and importlib.util.find_spec('grain') is None:
-        _fail('data.feed', "'stream' reads through Grain, which is not installed: pip install grain")
-    if (d.mean is None) != (d.std is None):
-        _fail('data.mean', 'set both data.mean and data.std, or neither')
-    for field in ('mean', 'std'):
-        if d[field] is not None and len(d[field]) != 3:
-            _fail(f'data.{field}', f'needs one value per RGB channel, got {d[field]}')
-    _check_choice('data.normalize', d.normalize, NORMALIZATIONS)
-    _check_choice('data.pad_mode', d.pad_mode, tuple(PAD_MODES))
+        refuse('data.feed', "'stream' reads through Grain, which is not installed: pip install grain")
     in_memory = "needs an in-memory feed (data.feed 'host' or 'device'); the 'stream' feed"
-    if d.normalize == 'per_pixel_mean':
-        if d.feed == 'stream':
-            _fail('data.normalize', f"'per_pixel_mean' {in_memory} would have to read every training image first")
-        if d.mean is not None:
-            _fail('data.mean', "data.mean/data.std are per-channel values for data.normalize='per_channel'")
-    if (d.pad_mode != 'zero' or d.pad_after_normalize) and d.augment != 'cifar':
-        _fail('data.pad_mode', f"pad_mode and pad_after_normalize set the 'cifar' crop; data.augment is {d.augment!r}")
+    if d.normalize == 'per_pixel_mean' and d.feed == 'stream':
+        refuse('data.normalize', f"'per_pixel_mean' {in_memory} would have to read every training image first")
     if d.pad_after_normalize and d.feed == 'stream':
-        _fail('data.pad_after_normalize', f'{in_memory} crops uint8 images on the host, before normalising')
-
-
-def _check_decay_exclude(config) -> None:
-    """optim.decay_exclude: regular expressions, each matching some parameter of the model."""
-    patterns = config.optim.decay_exclude
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            _fail('optim.decay_exclude', f'{pattern!r} is not a regular expression: {e}')
-    if not patterns:
-        return
-    params = finetune.variable_names(get_model(config.model.name, **model_overrides(config)),
-                                     config.data.image_size)['params']
-    for pattern in finetune.unmatched(patterns, params):
-        _fail('optim.decay_exclude', f'{pattern!r} matches no parameter of {config.model.name}. Patterns are '
-                                     f'fullmatched against paths such as {", ".join(params[:3])}, {params[-1]}')
-
-
-def _check_choice(field, value, allowed):
-    try:
-        check_choice(field.split('.')[-1], value, allowed)
-    except ValueError as e:
-        raise ConfigError(f'config.{field}: {e}') from None
+        refuse('data.pad_after_normalize', f'{in_memory} crops uint8 images on the host, before normalising')
 
 
 def check_resume(stored: dict, config) -> None:
@@ -502,11 +350,12 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 
 
 def to_json(config) -> str:
+    """The config as sorted, indented JSON (tuples as lists): what a run records and compares on resume."""
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
 def write_resolved(config, workdir: str) -> str:
-    from resnet_jax import workdir as workdir_lib
+    """Record `config` as the run's config.json in `workdir`; returns the file's path."""
     workdir_lib.write_config(workdir, to_json(config))
     return os.path.join(workdir, workdir_lib.CONFIG_FILE)
 
@@ -514,7 +363,6 @@ def write_resolved(config, workdir: str) -> str:
 def load_resolved(workdir: str) -> ml_collections.ConfigDict:
     """The config a run recorded (config.json, else its newest checkpoint's), with tuples restored, for
     evaluation and resume."""
-    from resnet_jax import workdir as workdir_lib
     raw, _ = workdir_lib.stored_config(workdir)
     if raw is None:
         raise workdir_lib.WorkdirError(f'{workdir} has no {workdir_lib.CONFIG_FILE} and no checkpoint: is it a '

@@ -17,6 +17,9 @@ layer_lr_decay      d in (0, 1]: a parameter at depth k trains at lr * d**k (Cla
                     follows the last block (a final norm) 0, the last block 1, ..., the first block L,
                     the stem L + 1. 1.0 turns it off.
 linear_probe        only params/head/* trains, on features computed once (`resnet_jax.train.probe`).
+
+`check_config` refuses a `finetune` section that cannot work on the model: a pattern that matches
+no parameter, a freeze that leaves nothing to train, a probe combined with what it does not use.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import flax.linen as nn
 import jax
 import optax
 
+from resnet_jax.errors import check_field_choice, check_field_regex, refuse
 from resnet_jax.models.resnet import BatchNorm
 
 FREEZE_BATCH_STATS = ('none', 'frozen', 'all')
@@ -141,3 +145,39 @@ def variable_names(model, image_size: int) -> dict[str, list[str]]:
     state = jax.eval_shape(functools.partial(step.create_state, model, optax.identity(), image_size=image_size,
                                              ema=False), jax.random.key(0))
     return {'params': path_names(state.params), 'batch_stats': path_names(state.batch_stats, 'batch_stats/')}
+
+
+def check_config(config, model) -> None:
+    """Refuse fine-tuning fields that cannot work on `model`; patterns are checked against its parameter
+    paths, from an abstract init (nothing is compiled)."""
+    f = config.finetune
+    check_field_choice('finetune.freeze_batch_stats', f.freeze_batch_stats, FREEZE_BATCH_STATS)
+    if f.linear_probe:
+        for field, off in (('finetune.freeze', ()), ('finetune.freeze_batch_stats', 'none'),
+                           ('finetune.layer_lr_decay', 1.0), ('optim.ema_decay', 0.0), ('data.mixup_alpha', 0.0),
+                           ('data.cutmix_alpha', 0.0)):
+            if config[field] != off:
+                refuse(field, f'{config[field]!r} does not apply to finetune.linear_probe, which trains only the '
+                              f'head, without augmentation, on features computed once in eval mode; leave it at {off!r}')
+    for pattern in f.freeze:
+        check_field_regex('finetune.freeze', pattern)
+    if not f.freeze and f.freeze_batch_stats == 'none':
+        return
+    names = variable_names(model, config.data.image_size)
+    params = names['params']
+    if f.freeze_batch_stats != 'none' and not names['batch_stats']:
+        refuse('finetune.freeze_batch_stats', f'{f.freeze_batch_stats!r} needs BatchNorm layers, and this model has '
+                                              "none; use 'none'")
+    for pattern in unmatched(f.freeze, params):
+        tops = sorted({n.split('/')[1] for n in params})
+        refuse('finetune.freeze', f'{pattern!r} matches no parameter of {config.model.name}. Patterns are '
+                                  f'fullmatched against paths such as {", ".join(params[:3])}, {params[-1]}; '
+                                  f'the top-level modules are {", ".join(tops)}')
+    frozen = frozen_fn(config) or (lambda name: False)
+    if f.freeze and all(frozen(n) for n in params):
+        refuse('finetune.freeze', f'{tuple(f.freeze)} freezes every parameter; nothing would train')
+    if f.freeze_batch_stats == 'frozen':
+        norms = {n.rsplit('/', 1)[0].replace('batch_stats/', 'params/', 1) for n in names['batch_stats']}
+        if not any(frozen(f'{n}/scale') and frozen(f'{n}/bias') for n in norms):
+            refuse('finetune.freeze_batch_stats', "'frozen' puts the BatchNorms whose scale and bias are frozen "
+                                                  f'in eval mode, and finetune.freeze={tuple(f.freeze)} freezes none')

@@ -23,6 +23,7 @@ from resnet_jax import workdir as workdir_lib
 from resnet_jax.data import pipeline, sources
 from resnet_jax.errors import ConfigError
 from resnet_jax.models import get_model
+from resnet_jax.models.registry import model_overrides
 from resnet_jax.models.summary import count_macs
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
@@ -66,14 +67,14 @@ class Run:
             if config.data.validation_split else None
         num_train = len(self.train_data)
         config_lib.validate(config, len(devices), num_train)
-        overrides = config_lib.model_overrides(config)
+        overrides = model_overrides(config)
         classes = overrides.setdefault('num_classes', self.train_data.num_classes)
         if classes != self.train_data.num_classes:
             raise ConfigError(f'config.model.num_classes: {classes} differs from the '
                                          f'{self.train_data.num_classes} classes of {config.data.dataset}')
         self.model = get_model(config.model.name, **overrides)
         self.mesh = sharding.make_mesh(config, devices)
-        self.num_steps = config_lib.total_steps(config, num_train)
+        self.num_steps = optim.total_steps(config, num_train)
         self.optimizer = optim.make_optimizer(config, num_train)
         self.schedule = optim.lr_schedule(config, num_train)
         self.mean, self.std = pipeline.normalization(config, self.train_data)

@@ -6,6 +6,10 @@ after momentum/Adam scaling (SGDW/AdamW). Either can skip norm parameters, biase
 scalar gains, which are the parameters with fewer than two dimensions (decay_norm_and_bias=False),
 and the parameters named by the regular expressions of optim.decay_exclude (Goyal et al.: the BN
 scales and biases only, not the classifier bias).
+
+The run's length and the schedule's steps are computed here (`total_steps`, `schedule_steps`),
+whether the config gives them in steps or in epochs, and `check_config` refuses an `optim` section
+that cannot run.
 """
 
 from __future__ import annotations
@@ -15,8 +19,79 @@ import re
 import jax
 import optax
 
+from resnet_jax.errors import check_field_choice, check_field_regex, refuse
 from resnet_jax.train import finetune
-from resnet_jax.train.config import schedule_steps, total_steps
+
+OPTIMIZERS = ('sgd', 'lars', 'adamw')
+SCHEDULES = ('piecewise', 'cosine', 'constant')
+WARMUPS = ('linear', 'constant', 'linear_from_base')
+DECAY_TYPES = ('l2', 'decoupled')
+
+
+def steps_per_epoch(config, num_train: int) -> float:
+    """Train steps per pass over `num_train` examples at the global batch size (fractional)."""
+    return num_train / config.batch_size
+
+
+def total_steps(config, num_train: int) -> int:
+    """The run's length in steps: num_steps, or num_epochs rounded to whole steps (at least one)."""
+    if config.num_steps is not None:
+        return config.num_steps
+    return max(1, round(config.num_epochs * steps_per_epoch(config, num_train)))
+
+
+def schedule_steps(config, num_train: int) -> tuple[list[int], int]:
+    """(lr boundaries, warm-up length) in steps, whether the config gives them in steps or epochs."""
+    o, per_epoch = config.optim, steps_per_epoch(config, num_train)
+    boundaries = [int(b) for b in o.boundaries] or [round(e * per_epoch) for e in o.boundary_epochs]
+    return boundaries, round(o.warmup_steps or o.warmup_epochs * per_epoch)
+
+
+def check_config(config, model) -> None:
+    """Refuse an optimizer or schedule that cannot run: unknown choices, decay_exclude patterns that
+    match no parameter of `model`, a run length or schedule given both in steps and in epochs."""
+    o = config.optim
+    check_field_choice('optim.name', o.name, OPTIMIZERS)
+    check_field_choice('optim.schedule', o.schedule, SCHEDULES)
+    check_field_choice('optim.warmup', o.warmup, WARMUPS)
+    check_field_choice('optim.decay_type', o.decay_type, DECAY_TYPES)
+    _check_decay_exclude(config, model)
+    if o.name == 'lars' and o.decay_type != 'l2':
+        refuse('optim.decay_type', "LARS applies weight decay inside its trust ratio; use decay_type='l2'")
+    if (config.num_steps is None) == (config.num_epochs is None):
+        refuse('num_steps', 'set exactly one of num_steps and num_epochs '
+                            f'(got num_steps={config.num_steps}, num_epochs={config.num_epochs})')
+    if o.boundaries and o.boundary_epochs:
+        refuse('optim.boundaries', 'give schedule boundaries in steps or in epochs (optim.boundary_epochs), not both')
+    if o.warmup_steps and o.warmup_epochs:
+        refuse('optim.warmup_steps', 'give the warm-up in steps or in epochs (optim.warmup_epochs), not both')
+
+
+def check_schedule(config, num_train: int) -> None:
+    """Refuse boundaries or a warm-up that fall outside the run, once the training set's size `num_train`
+    turns epochs into steps (after `check_config`, which makes the run's length well defined)."""
+    o = config.optim
+    steps = total_steps(config, num_train)
+    boundaries, warmup = schedule_steps(config, num_train)
+    for b in boundaries if o.schedule == 'piecewise' else []:
+        if not warmup < b < steps:
+            refuse('optim.boundaries', f'boundary at step {b} is outside the run after warm-up '
+                                       f'({warmup + 1}..{steps - 1}); training has {steps} steps')
+    if warmup >= steps:
+        refuse('optim.warmup_steps', f'warm-up of {warmup} steps does not end before the {steps} training steps')
+
+
+def _check_decay_exclude(config, model) -> None:
+    """optim.decay_exclude: regular expressions, each matching some parameter of the model."""
+    patterns = config.optim.decay_exclude
+    for pattern in patterns:
+        check_field_regex('optim.decay_exclude', pattern)
+    if not patterns:
+        return
+    params = finetune.variable_names(model, config.data.image_size)['params']
+    for pattern in finetune.unmatched(patterns, params):
+        refuse('optim.decay_exclude', f'{pattern!r} matches no parameter of {config.model.name}. Patterns are '
+                                      f'fullmatched against paths such as {", ".join(params[:3])}, {params[-1]}')
 
 
 def peak_lr(config) -> float:
@@ -25,6 +100,8 @@ def peak_lr(config) -> float:
 
 
 def lr_schedule(config, num_train: int) -> optax.Schedule:
+    """The learning rate at every step: warm-up (if any), then the piecewise, cosine or constant schedule
+    from the peak rate, over the run's length in steps."""
     o = config.optim
     steps, lr = total_steps(config, num_train), peak_lr(config)
     boundaries, warmup = schedule_steps(config, num_train)
@@ -67,6 +144,8 @@ def weight_decay_mask(config):
 
 
 def make_optimizer(config, num_train: int) -> optax.GradientTransformation:
+    """The whole update rule of config.optim (clipping, weight decay, SGD/AdamW/LARS, the lr schedule),
+    restricted and scaled by config.finetune; `num_train` sets the length of epoch-based schedules."""
     o = config.optim
     schedule = lr_schedule(config, num_train)
     mask = weight_decay_mask(config)
