@@ -431,7 +431,7 @@ def test_a_plain_net_is_its_resnet_twin_with_skip_gain_zero_bit_for_bit():
     v = init_variables(plain, x)
     np.testing.assert_array_equal(shared.apply(v, x, member=member), plain.apply(v, x))
     np.testing.assert_array_equal(shared.apply(v, x, member={'skip_gain': jnp.float32(1)}), twin.apply(v, x))
-    train = dict(train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(1)})
+    train = {'train': True, 'mutable': ['batch_stats'], 'rngs': {'dropout': jax.random.key(1)}}
     # Dropout at traced rate 0 (the member's dropout_rate and drop_path_rate) keeps everything.
     for got, want in zip(jax.tree_util.tree_leaves(shared.apply(v, x, member=member, **train)),
                          jax.tree_util.tree_leaves(plain.apply(v, x, **train))):
