@@ -88,7 +88,6 @@ DESIGN_FIELDS = tuple(f.name for f in dataclasses.fields(BlockDesign))
 
 
 def list_models() -> list[str]:
-    """The preset names, sorted, for error messages and `--help` listings."""
     return sorted(PRESETS)
 
 
