@@ -19,6 +19,7 @@ from resnet_jax.models import (
     param_count,
     residual_stream,
 )
+from resnet_jax.models.design import MEMBER_FIELDS, split_member
 from resnet_jax.models.resnet import SqueezeExcite
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -410,3 +411,66 @@ def test_remat_changes_memory_not_the_function_or_its_gradients():
     np.testing.assert_allclose(loss_r, loss_p, rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves((grads_r, stats_r)), jax.tree_util.tree_leaves((grads_p, stats_p))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- Population members: numeric design values as traced scalars ----------------------------
+
+def with_shared_design(name, **overrides):
+    """Preset `name` rebuilt on its shared design, and the member values that make it `name` again."""
+    model = get_model(name, **overrides)
+    shared, values = split_member(model.design)
+    return model.clone(design=shared), {k: jnp.float32(v) for k, v in values.items()}
+
+
+def test_a_plain_net_is_its_resnet_twin_with_skip_gain_zero_bit_for_bit():
+    x = images((2, 9, 9, 3))
+    plain, twin = get_model('plain20'), get_model('resnet20')
+    shared, member = with_shared_design('plain20')
+    assert shared.design == split_member(twin.design)[0]
+    assert member['skip_gain'] == 0 and split_member(twin.design)[1]['skip_gain'] == 1
+    v = init_variables(plain, x)
+    np.testing.assert_array_equal(shared.apply(v, x, member=member), plain.apply(v, x))
+    np.testing.assert_array_equal(shared.apply(v, x, member={'skip_gain': jnp.float32(1)}), twin.apply(v, x))
+    train = {'train': True, 'mutable': ['batch_stats'], 'rngs': {'dropout': jax.random.key(1)}}
+    # Dropout at traced rate 0 (the member's dropout_rate and drop_path_rate) keeps everything.
+    for got, want in zip(jax.tree_util.tree_leaves(shared.apply(v, x, member=member, **train)),
+                         jax.tree_util.tree_leaves(plain.apply(v, x, **train))):
+        np.testing.assert_array_equal(got, want)
+    # One traced network serves both members of a population.
+    both = jax.jit(jax.vmap(lambda gain: shared.apply(v, x, member={'skip_gain': gain})))(jnp.array([1.0, 0.0]))
+    np.testing.assert_allclose(both, np.stack([twin.apply(v, x), plain.apply(v, x)]), **TOL)
+
+
+def test_member_scales_equal_the_static_design_and_none_changes_nothing():
+    x = images((2, 9, 9, 3))
+    static = get_model('resnet20', skip='scale', skip_scale=0.5, branch_scale=2.0)
+    shared, member = with_shared_design('resnet20', skip='scale', skip_scale=0.5, branch_scale=2.0)
+    assert member == {'skip_scale': 0.5, 'branch_scale': 2.0, 'dropout_rate': 0.0, 'drop_path_rate': 0.0}
+    v = init_variables(static, x)
+    scales = {k: member[k] for k in ('skip_scale', 'branch_scale')}
+    np.testing.assert_array_equal(shared.apply(v, x, member=scales), static.apply(v, x))
+    np.testing.assert_array_equal(static.apply(v, x, member=None), static.apply(v, x))
+    assert (str(jax.make_jaxpr(lambda v: static.apply(v, x, member=None))(v))
+            == str(jax.make_jaxpr(lambda v: static.apply(v, x))(v)))
+    with pytest.raises(ValueError, match="'skip_gain' does not apply to skip='scale'"):
+        static.apply(v, x, member={'skip_gain': 1.0})
+
+
+def test_member_dropout_rates_draw_the_stream_of_the_static_design():
+    x = images((8, 9, 9, 3))
+    rngs = {'dropout': jax.random.key(5)}
+    for field in ('drop_path_rate', 'dropout_rate'):
+        static = get_model('resnet20', **{field: 0.3})
+        shared, member = with_shared_design('resnet20', **{field: 0.3})
+        v = init_variables(static, x)
+        got = shared.apply(v, x, train=True, mutable=['batch_stats'], rngs=rngs, member={field: member[field]})
+        want = static.apply(v, x, train=True, mutable=['batch_stats'], rngs=rngs)
+        assert not np.allclose(want[0], get_model('resnet20').apply(v, x, train=True, mutable=['batch_stats'])[0])
+        np.testing.assert_allclose(got[0], want[0], **TOL)
+
+
+def test_only_parameter_free_shortcuts_let_a_plain_net_share_its_twins_population():
+    shared = {name: split_member(get_model(name).design)[0] for name in ('plain18', 'resnet18', 'resnet20')}
+    assert shared['plain18'] != shared['resnet18']  # projection shortcuts: the twin has parameters
+    assert shared['plain18'].skip == 'none' and 'skip_gain' not in shared['plain18'].member_keys()
+    assert set(MEMBER_FIELDS) >= {'skip', 'skip_scale', 'branch_scale', 'drop_path_rate', 'dropout_rate'}

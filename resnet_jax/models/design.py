@@ -51,8 +51,24 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 # Bottleneck blocks widen their output by this factor (He et al. 2016).
 BOTTLENECK_EXPANSION = 4
 
+# The design fields that may differ between the members of one population (one vmapped network):
+# they change no parameter shape and no control flow. `skip` only between 'identity' and 'none' with
+# option A shortcuts, where a plain block is its residual twin with the shortcut multiplied by 0.
+MEMBER_FIELDS = ('skip', 'skip_scale', 'branch_scale', 'gate_bias_init', 'skip_dropout', 'dropout_rate',
+                 'drop_path_rate')
+# The member values each skip mode reads; 'skip_gain' multiplies the shortcut (1: the residual net,
+# 0: its plain twin). gate_bias_init only acts when the parameters are initialised.
+SKIP_MEMBER_KEYS = {
+    'identity': ('skip_gain',),
+    'scale': ('skip_scale', 'branch_scale'),
+    'exclusive_gate': ('gate_bias_init',),
+    'shortcut_gate': ('gate_bias_init',),
+    'dropout': ('skip_dropout',),
+}
+
 
 def check_rate(field: str, value: float) -> None:
+    """Refuse a rate outside [0, 1), where dropout is defined and keeps something."""
     if not 0.0 <= value < 1.0:
         raise ValueError(f'{field}={value!r} is outside the allowed range [0, 1)')
 
@@ -141,20 +157,39 @@ class BlockDesign:
 
     @property
     def compute_dtype(self):
+        """The jnp dtype activations are computed in (the field holds its name, to stay serialisable)."""
         return DTYPES[self.dtype]
 
     @property
     def act(self):
+        """The activation function the `activation` name stands for."""
         return ACTIVATIONS[self.activation]
 
     @property
     def preact(self) -> bool:
+        """Whether norms/activations come before each conv, so a projection reads the pre-activated input."""
         return self.placement in PREACT_PLACEMENTS
 
     @property
     def branch_ends_with_norm(self) -> bool:
         """Whether a norm follows the last conv of a branch (a projection shortcut then gets one too)."""
-        return self.norm != 'none' and self.placement in ('post', 'relu_before_add', 'relu_preact')
+        return self.norm != 'none' and self.norm_after_conv(last=True)
+
+    def norm_after_conv(self, last: bool) -> bool:
+        """Whether the placement puts a norm right after a branch conv (`last`: the branch's last one;
+        'bn_after_add' moves that one's norm after the addition)."""
+        return self.placement in ('post', 'relu_before_add', 'relu_preact') or (
+            self.placement == 'bn_after_add' and not last)
+
+    def act_after_conv(self, last: bool) -> bool:
+        """Whether the placement puts an activation right after a branch conv (and its norm); 'post' and
+        'bn_after_add' activate the last conv's output only after the addition."""
+        return (self.placement in ('post', 'bn_after_add') and not last) or self.placement == 'relu_before_add'
+
+    def member_keys(self) -> tuple[str, ...]:
+        """The values one member of a population may set through the model's `member` hook in a
+        network of this (shared) design: those of its skip mode, then the two dropout rates."""
+        return SKIP_MEMBER_KEYS.get(self.skip, ()) + ('dropout_rate', 'drop_path_rate')
 
     def se_width(self, channels: int) -> int:
         """The squeeze-and-excitation hidden width for `channels` (see se_divisor)."""
@@ -171,6 +206,7 @@ class BlockDesign:
                 (planes * BOTTLENECK_EXPANSION, 1, 1, 1)]
 
     def out_channels(self, planes: int) -> int:
+        """A block's output channels for `planes` (bottlenecks expand them)."""
         return planes * (BOTTLENECK_EXPANSION if self.block == 'bottleneck' else 1)
 
     def check_widths(self, in_channels: int, planes: int, where: str) -> None:
@@ -193,3 +229,20 @@ class BlockDesign:
             if self.norm == 'group' and features % self.norm_groups:
                 raise ValueError(f'norm_groups={self.norm_groups} does not divide the {features} '
                                  f'channels of a normalised layer in {where}; use a divisor of it')
+
+
+def split_member(design: BlockDesign) -> tuple[BlockDesign, dict[str, float]]:
+    """(shared design, member values): the design with every member field at its neutral default,
+    and the values that the model's `member` hook needs to compute `design` on that shared design.
+
+    Two designs can train in one population exactly when their shared designs are equal: a plain net
+    with option A shortcuts shares one with its ResNet twin (skip 'identity', skip_gain 0 or 1), a
+    plain net whose shortcuts would project does not, as the twin has parameters it lacks."""
+    plain_twin = design.skip == 'none' and design.shortcut == 'A'
+    shared = dataclasses.replace(design, skip='identity') if plain_twin else design
+    keys = shared.member_keys()
+    values = {key: float(getattr(design, key)) for key in keys if key != 'skip_gain'}
+    if 'skip_gain' in keys:
+        values['skip_gain'] = 0.0 if plain_twin else 1.0
+    defaults = {f.name: f.default for f in dataclasses.fields(BlockDesign) if f.name in values}
+    return dataclasses.replace(shared, **defaults), {key: values[key] for key in keys}

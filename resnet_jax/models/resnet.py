@@ -11,10 +11,17 @@ Blocks `sow` what they computed into the 'intermediates' collection: 'output' (t
 stream h_l), 'branch' (what the branch added) and 'shortcut'; the stem sows h_0 as 'stem'.
 Nothing is stored unless the caller makes that collection mutable, so analysis needs no
 second implementation of the network.
+
+A block reads as three parts: its branch (`ResidualBlock._branch`), the combination of branch and
+shortcut (`_combine`, the skip mode's weighting in `_skip`) and the initialisation scheme
+(`BranchInit`), which adds its scalars and zeroes to the branch without the branch branching on it.
+The optional `member` argument carries one population member's numeric design values as traced
+scalars (`design.split_member`), so one vmapped network trains members that differ in them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -136,6 +143,7 @@ def spatial_axes(x) -> tuple[int, ...]:
 
 
 def max_pool_3x3(x):
+    """The ImageNet stems' 3x3/2 max pool with padding 1 over every spatial axis (torchvision's)."""
     dims = x.ndim - 2
     return nn.max_pool(x, (3,) * dims, (2,) * dims, padding=[(1, 1)] * dims)
 
@@ -177,6 +185,84 @@ class SqueezeExcite(nn.Module):
         return x * nn.sigmoid(s)
 
 
+class Dropout(nn.Module):
+    """Dropout whose rate may be a traced scalar (a population member's), with Flax's arithmetic.
+
+    It carries nn.Dropout's class name so that Flax auto-names it `Dropout_<k>` and it draws the
+    random stream an nn.Dropout in its place draws: a network without population members computes
+    what it computed with nn.Dropout, and a member drops what a standalone run at its rate drops."""
+
+    rate: Any
+    broadcast_dims: tuple[int, ...] = ()
+    deterministic: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        static = isinstance(self.rate, (int, float))
+        if self.deterministic or (static and self.rate == 0):
+            return x
+        keep = 1.0 - self.rate
+        shape = [1 if axis in self.broadcast_dims else size for axis, size in enumerate(x.shape)]
+        mask = jnp.broadcast_to(jax.random.bernoulli(self.make_rng('dropout'), keep, shape), x.shape)
+        return jax.lax.select(mask, x / (keep if static else keep.astype(x.dtype)), jnp.zeros_like(x))
+
+
+def preactivate(h, design: BlockDesign, train: bool, name: str):
+    """What a pre-activation placement puts before each conv of a branch and before the head."""
+    if design.placement == 'preact':
+        return design.act(norm_layer(design, train, name)(h))
+    if design.placement == 'relu_preact':
+        return design.act(h)
+    return h
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchInit:
+    """How a branch starts (`BlockDesign.branch_init`): He init; its last layer at zero (zero_gamma:
+    the last norm's scale, or the last conv where no norm follows it); a scalar gain at zero
+    (skipinit, = ReZero); or Fixup (zero last conv, He init scaled down by depth, scalar biases and a
+    scalar multiplier). Kept apart so that the branch reads the same under every scheme."""
+
+    scheme: str
+    convs: int  # convs per branch
+    num_blocks: int  # residual branches in the network; Fixup scales by it
+    dtype: Any
+
+    @property
+    def zero_last(self) -> bool:
+        """Whether the branch's last layer starts at zero, so that the block starts as its shortcut."""
+        return self.scheme in ('zero_gamma', 'fixup')
+
+    def kernel_init(self, last: bool, norm_follows: bool):
+        """A conv's kernel initialiser; `norm_follows`: a norm whose scale can be zeroed instead."""
+        if last and self.zero_last and not norm_follows:
+            return nn.initializers.zeros
+        if self.scheme == 'fixup':
+            # Fixup rescales He init by L^(-1/(2m-2)) for m layers per branch; variance squares it.
+            scale = self.num_blocks ** (-2.0 / (2 * self.convs - 2))
+            return nn.initializers.variance_scaling(2.0 * scale, 'fan_out', 'normal')
+        return conv_init
+
+    def before_conv(self, block: nn.Module, h, i: int):
+        """Fixup's scalar bias in front of conv i."""
+        return h + self._scalar(block, f'bias{i}a', 0.0) if self.scheme == 'fixup' else h
+
+    def after_conv(self, block: nn.Module, h, i: int, last: bool):
+        """Fixup's scalar bias after conv i, after its scalar multiplier on the last conv."""
+        if self.scheme != 'fixup':
+            return h
+        if last:
+            h = h * self._scalar(block, 'scale', 1.0)
+        return h + self._scalar(block, f'bias{i}b', 0.0)
+
+    def gain(self, block: nn.Module, f):
+        """SkipInit's scalar gain on the whole branch."""
+        return f * self._scalar(block, 'branch_gain', 0.0) if self.scheme == 'skipinit' else f
+
+    def _scalar(self, block: nn.Module, name: str, init: float):
+        return block.param(name, nn.initializers.constant(init), (), jnp.float32).astype(self.dtype)
+
+
 class ResidualBlock(nn.Module):
     """One block: y = combine(shortcut(x), branch(x)), with norms and activations placed
     as `design.placement` says and the skip path doing what `design.skip` says."""
@@ -193,119 +279,122 @@ class ResidualBlock(nn.Module):
     first_dilation: int | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False, keep=None, grad_route=None):
+    def __call__(self, x, train: bool = False, keep=None, grad_route=None, member=None):
         """keep, grad_route: analysis hooks (None: no change). `keep` scales the branch where it joins
         the shortcut (0 deletes the block; a plain block becomes the identity when its shape allows).
         `grad_route` changes only the backward pass: the gradient into the branch is scaled by it and
-        the gradient into the shortcut by 1 - grad_route (1: branch only, 0: shortcut only)."""
+        the gradient into the shortcut by 1 - grad_route (1: branch only, 0: shortcut only).
+        member: one population member's values of `design.member_keys()` (traced scalars; see
+        `split_member`), each overriding the design's; drop_path_rate is this block's own rate."""
+        member = self._check_member(member)
+        f, shared = self._branch(x, train, member)
+        return self._combine(x, shared, f, train, keep, grad_route, member)
+
+    @property
+    def convs(self) -> list[tuple[int, int, int, int]]:
+        """(features, kernel size, stride, groups) of each conv of the branch."""
+        return self.design.branch_convs(self.planes, self.stride)
+
+    def _branch(self, x, train: bool, member):
+        """The branch, and the (pre-activated) input it shares with a projection shortcut."""
         d = self.design
-        dtype, act = d.compute_dtype, d.act
-        dims = x.ndim - 2
-        convs = d.branch_convs(self.planes, self.stride)
+        init = BranchInit(d.branch_init, len(self.convs), self.num_blocks, d.compute_dtype)
         # The conv that carries a strided block's stride: dilation changes after it.
         stride_site = next(i for i, c in enumerate(d.branch_convs(self.planes, 2), start=1) if c[2] == 2)
-        n = len(convs)
-        out_features = convs[-1][0]
-        fixup = d.branch_init == 'fixup'
-        zero_last = d.branch_init in ('zero_gamma', 'fixup')
-
-        def scalar(name, init):
-            return self.param(name, nn.initializers.constant(init), (), jnp.float32).astype(dtype)
-
-        # Ops on the block input that the branch and a projection shortcut share.
         h = x
-        if d.placement == 'preact':
-            h = act(norm_layer(d, train, 'norm1')(h))
-        elif d.placement == 'relu_preact':
-            h = act(h)
-        if fixup:
-            h = h + scalar('bias1a', 0.0)
-        projection_input = h if (d.preact or fixup) else x
-
-        for i, (features, kernel, stride, groups) in enumerate(convs, start=1):
-            last = i == n
-            if i > 1:
-                if d.placement == 'preact':
-                    h = act(norm_layer(d, train, f'norm{i}')(h))
-                elif d.placement == 'relu_preact':
-                    h = act(h)
-                if fixup:
-                    h = h + scalar(f'bias{i}a', 0.0)
-            if last and d.dropout_rate:
-                h = nn.Dropout(d.dropout_rate, deterministic=not train)(h)
-            norm_after = d.placement in ('post', 'relu_before_add', 'relu_preact') or (
-                d.placement == 'bn_after_add' and not last)
-            zero_this_conv = last and zero_last and not (norm_after and d.norm != 'none')
-            h = conv(features, kernel, stride, groups, name=f'conv{i}', dtype=dtype, dims=dims,
+        for i, (features, kernel, stride, groups) in enumerate(self.convs, start=1):
+            last = i == len(self.convs)
+            h = init.before_conv(self, preactivate(h, d, train, f'norm{i}'), i)
+            if i == 1:
+                shared = h
+            if last:
+                h = self._dropout(h, 'dropout_rate', d.dropout_rate, train, member)
+            norm_after = d.norm_after_conv(last)
+            h = conv(features, kernel, stride, groups, name=f'conv{i}', dtype=d.compute_dtype, dims=x.ndim - 2,
                      dilation=self._first_dilation if i <= stride_site else self.dilation,
-                     kernel_init=self._kernel_init(zero_this_conv, n))(h)
+                     kernel_init=init.kernel_init(last, norm_after and d.norm != 'none'))(h)
             if norm_after:
-                h = norm_layer(d, train, f'norm{i}', zero_scale=last and zero_last)(h)
-            if fixup and last:
-                h = h * scalar('scale', 1.0) + scalar(f'bias{i}b', 0.0)
-            elif fixup:
-                h = h + scalar(f'bias{i}b', 0.0)
-            act_after = (d.placement in ('post', 'bn_after_add') and not last) or (
-                d.placement == 'relu_before_add')
-            if act_after:
-                h = act(h)
-
-        f = h
+                h = norm_layer(d, train, f'norm{i}', zero_scale=last and init.zero_last)(h)
+            h = init.after_conv(self, h, i, last)
+            if d.act_after_conv(last):
+                h = d.act(h)
         if d.se_ratio:
-            f = SqueezeExcite(d.se_width(out_features), dtype, name='se')(f)
-        if d.branch_init == 'skipinit':
-            f = f * scalar('branch_gain', 0.0)
-        if self.drop_path_rate:
-            f = nn.Dropout(self.drop_path_rate, broadcast_dims=tuple(range(1, x.ndim)),
-                           deterministic=not train)(f)
+            h = SqueezeExcite(d.se_width(h.shape[-1]), d.compute_dtype, name='se')(h)
+        h = init.gain(self, h)
+        h = self._dropout(h, 'drop_path_rate', self.drop_path_rate, train, member,
+                          broadcast_dims=tuple(range(1, x.ndim)))
+        return h, shared
+
+    def _combine(self, x, shared, f, train: bool, keep, grad_route, member):
+        """The skip path joined with the branch f, then what the placement puts after the addition."""
+        d = self.design
         if grad_route is not None:  # forward values are unchanged (exactly, for 0 and 1)
             f = grad_route * f + (1 - grad_route) * jax.lax.stop_gradient(f)
         if keep is not None and d.skip != 'none':
             f = keep * f
-
         if d.skip == 'none':
             out = f
         else:
-            s = self._shortcut(x, projection_input, out_features, train)
+            s = self._shortcut(x, shared, f.shape[-1], train)
             if grad_route is not None:
                 s = (1 - grad_route) * s + grad_route * jax.lax.stop_gradient(s)
             self.sow('intermediates', 'shortcut', s)
-            if d.skip == 'scale':
-                s, f = d.skip_scale * s, d.branch_scale * f
-            elif d.skip in ('exclusive_gate', 'shortcut_gate'):
-                g = nn.sigmoid(conv(out_features, 1, self.stride, name='gate', dtype=dtype, dims=dims,
-                                    use_bias=True, bias_init=nn.initializers.constant(d.gate_bias_init))(x))
-                s = (1 - g) * s
-                if d.skip == 'exclusive_gate':
-                    f = g * f
-            elif d.skip == 'dropout':
-                s = nn.Dropout(d.skip_dropout, deterministic=not train)(s)
+            s, f = self._skip(x, s, f, train, member)
             out = s + f
         self.sow('intermediates', 'branch', f)
-
         if d.placement == 'bn_after_add':
-            out = norm_layer(d, train, f'norm{n}')(out)
+            out = norm_layer(d, train, f'norm{len(self.convs)}')(out)
         if d.placement in ('post', 'bn_after_add'):
-            out = act(out)
+            out = d.act(out)
         if keep is not None and d.skip == 'none' and out.shape == x.shape:
             out = keep * out + (1 - keep) * x
         self.sow('intermediates', 'output', out)
         return out
 
-    def _kernel_init(self, zero: bool, convs_per_branch: int):
-        if zero:
-            return nn.initializers.zeros
-        if self.design.branch_init == 'fixup':
-            # Fixup rescales He init by L^(-1/(2m-2)) for m layers per branch; variance squares it.
-            scale = self.num_blocks ** (-2.0 / (2 * convs_per_branch - 2))
-            return nn.initializers.variance_scaling(2.0 * scale, 'fan_out', 'normal')
-        return conv_init
+    def _skip(self, x, s, f, train: bool, member):
+        """(shortcut, branch) as the skip mode weighs them before they are added."""
+        d = self.design
+        if d.skip == 'scale':
+            s, f = self._value('skip_scale', member) * s, self._value('branch_scale', member) * f
+        elif d.skip in ('exclusive_gate', 'shortcut_gate'):
+            bias_init = nn.initializers.constant(member.get('gate_bias_init', d.gate_bias_init))
+            g = nn.sigmoid(conv(f.shape[-1], 1, self.stride, name='gate', dtype=d.compute_dtype, dims=x.ndim - 2,
+                                use_bias=True, bias_init=bias_init)(x))
+            s = (1 - g) * s
+            if d.skip == 'exclusive_gate':
+                f = g * f
+        elif d.skip == 'dropout':
+            s = self._dropout(s, 'skip_dropout', d.skip_dropout, train, member)
+        if 'skip_gain' in member:
+            s = self._value('skip_gain', member) * s
+        return s, f
+
+    def _check_member(self, member) -> dict:
+        allowed = self.design.member_keys()
+        for key in member or {}:
+            if key not in allowed:
+                raise ValueError(f'member value {key!r} does not apply to skip={self.design.skip!r}; '
+                                 f'allowed: {", ".join(allowed)}')
+        return member or {}
+
+    def _value(self, key: str, member):
+        """The member's value for `key` in the compute dtype, or the design's."""
+        return jnp.asarray(member[key], self.design.compute_dtype) if key in member else getattr(self.design, key)
+
+    def _dropout(self, h, key: str, rate: float, train: bool, member, broadcast_dims=()):
+        """Dropout at the member's rate for `key` when it has one, else at `rate` (0: none)."""
+        rate = member.get(key, rate)
+        if key not in member and not rate:
+            return h
+        return Dropout(rate, broadcast_dims, deterministic=not train)(h)
 
     @property
     def _first_dilation(self) -> int:
         return self.dilation if self.first_dilation is None else self.first_dilation
 
-    def _shortcut(self, x, projection_input, out_features: int, train: bool):
+    def _shortcut(self, x, shared, out_features: int, train: bool):
+        """The skip path before the skip mode weighs it: x itself, option A's subsampled and
+        zero-padded x, or a projection of `shared` (the input the branch's first conv read)."""
         d = self.design
         dims = x.ndim - 2
         # A block whose stride became dilation reshapes as the strided block did, on a finer grid.
@@ -313,9 +402,9 @@ class ResidualBlock(nn.Module):
         reshaped = downsamples or x.shape[-1] != out_features
         if d.skip == 'conv':  # Identity Mappings, Table 1: a 1x1 conv on every shortcut
             return conv(out_features, 1, self.stride, name='shortcut_conv', dtype=d.compute_dtype,
-                        dims=dims)(projection_input)
+                        dims=dims)(shared)
         if d.shortcut == 'C' or (reshaped and d.shortcut in ('B', 'D')):
-            s, stride = projection_input, self.stride
+            s, stride = shared, self.stride
             if d.shortcut == 'D' and downsamples:
                 s, stride = avg_pool_2x2(s, stride, self._first_dilation, d.dilated_pool), 1
             s = conv(out_features, 1, stride, name='shortcut_conv', dtype=d.compute_dtype, dims=dims)(s)
@@ -397,6 +486,7 @@ class ResNet(nn.Module):
 
     @property
     def stage_planes(self) -> tuple[int, ...]:
+        """Each stage's planes after the Wide ResNet factor: what its blocks are built with."""
         return tuple(w * self.width_multiplier for w in self.widths)
 
     @property
@@ -448,9 +538,14 @@ class ResNet(nn.Module):
         return [f'stage{s}_block{b}' for s, n in enumerate(self.stage_sizes, start=1) for b in range(n)]
 
     @nn.compact
-    def __call__(self, x, train: bool = False, keep=None, grad_route=None):
+    def __call__(self, x, train: bool = False, keep=None, grad_route=None, member=None):
         """keep, grad_route: optional per-block arrays of shape (L,) for analysis (lesions, Veit et al.'s
-        paths); block l gets entry l (see `ResidualBlock.__call__`). None leaves the network unchanged."""
+        paths); block l gets entry l (see `ResidualBlock.__call__`). None leaves the network unchanged.
+
+        member: one population member's design values, {key: scalar} with keys from
+        `design.member_keys()` (see `design.split_member`), overriding the design's so that one traced
+        network serves every member of a vmapped population; drop_path_rate is the network's rate,
+        which block l of L scales by l / L. None: the design's values, computed as without the hook."""
         d = self.design
         if x.ndim != self.spatial_dims + 2:
             raise ValueError(f'this ResNet has spatial_dims={self.spatial_dims} and takes '
@@ -468,13 +563,11 @@ class ResNet(nn.Module):
                                   drop_path_rate=d.drop_path_rate * (index + 1) / len(names),
                                   num_blocks=len(names), dilation=dilation, name=names[index],
                                   first_dilation=first_dilation if block == 0 else dilation)(
-                    x, train, *(None if g is None else g[index] for g in gates))
+                    x, train, *(None if g is None else g[index] for g in gates),
+                    _block_member(member, index + 1, len(names)))
                 index += 1
             features[level] = x
-        if d.placement == 'preact':
-            x = d.act(norm_layer(d, train, 'final_norm')(x))
-        elif d.placement == 'relu_preact':
-            x = d.act(x)
+        x = preactivate(x, d, train, 'final_norm')
         if self.output == 'features':
             features[level] = x  # the last stage as the head would see it (pre-activation: normalised)
             return features
@@ -509,6 +602,13 @@ class ResNet(nn.Module):
         if max_pool:
             x = max_pool_3x3(x)
         return x
+
+
+def _block_member(member, position: int, blocks: int):
+    """Block `position` of `blocks`' member values: the network's drop-path rate times l / L."""
+    if member is None or 'drop_path_rate' not in member:
+        return member
+    return {**member, 'drop_path_rate': member['drop_path_rate'] * position / blocks}
 
 
 def residual_stream(model: ResNet, variables, x) -> list[jax.Array]:
