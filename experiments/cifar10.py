@@ -7,7 +7,7 @@
     python -m resnet_jax.sweep --config=experiments/cifar10.py --sweep_dir=runs/table6_gpu --only='20|56' \
         --local_parallel=4 --local_memory_fraction=0.2 --config.data.feed=device   # 4 runs on one GPU
     python -m resnet_jax.sweep --config=experiments/cifar10.py:seeds=5 --sweep_dir=runs/table6x5 --launcher=local
-    python -m resnet_jax.results runs/table6 --metric=eval/top1,train/top1
+    python -m resnet_jax.sweep.results runs/table6 --metric=eval/top1,train/top1
 
 The paper's protocol: batch 128, SGD momentum 0.9, weight decay 1e-4 (L2, on every
 parameter), lr 0.1 divided by 10 at 32k and 48k iterations, 64k iterations, pad-4 crop and

@@ -3,7 +3,7 @@ does, on ResNet-110) and Table 2 (where BN and ReLU sit, on ResNet-110 and ResNe
 
     python -m resnet_jax.sweep --config=experiments/identity_mappings.py:table1 --sweep_dir=runs/im_table1
     python -m resnet_jax.sweep --config=experiments/identity_mappings.py:table2,seeds=5 --sweep_dir=runs/im_table2
-    python -m resnet_jax.results runs/im_table1
+    python -m resnet_jax.sweep.results runs/im_table1
     python -m resnet_jax.train --config=experiments/identity_mappings.py:resnet110 --workdir=runs/r110_gate6 \
         --config.model.skip=exclusive_gate --config.model.gate_bias_init=-6.0    # one row by hand
 

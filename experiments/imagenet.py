@@ -4,7 +4,7 @@
         --config.data.tfds_data_dir=/data/tfds
     python -m resnet_jax.sweep --config=experiments/imagenet.py:hardware=gpu8 --sweep_dir=runs/imagenet \
         --launcher=slurm --nocheck_data        # or --launcher=local on one 8-GPU machine
-    python -m resnet_jax.results runs/imagenet --metric=eval/top1,eval/top5
+    python -m resnet_jax.sweep.results runs/imagenet --metric=eval/top1,eval/top5
 
 Recipe: SGD momentum 0.9, lr 0.1 per 256 images scaled linearly with the batch
 (optim.scale_lr_by_batch), a 5-epoch linear warm-up from 0.1 to the scaled rate

@@ -4,7 +4,7 @@ CIFAR-10 and CIFAR-100.
     python -m resnet_jax.train --config=experiments/preact.py:preact_resnet1001 --workdir=runs/preact1001
     python -m resnet_jax.train --config=experiments/preact.py:preact_resnet164,dataset=cifar100 --workdir=runs/p164_c100
     python -m resnet_jax.sweep --config=experiments/preact.py --sweep_dir=runs/preact --launcher=local
-    python -m resnet_jax.results runs/preact
+    python -m resnet_jax.sweep.results runs/preact
 
 Protocol: He et al.'s CIFAR schedule (experiments/cifar10.py: batch 128, lr 0.1 /10 at 32k and
 48k iterations, 64k iterations, wd 1e-4, pad-4 crop and flip) with lr 0.01 for the first 400

@@ -9,7 +9,7 @@ TensorBoard events, config.json, checkpoints/ and train_curves.png in the workdi
 The sweep (get_sweep) is this ResNet-8 and its plain twin (model.skip=none), 2 seeds each:
 
     python -m resnet_jax.sweep --config=experiments/quickstart.py --sweep_dir=/tmp/quickstart_sweep --local_parallel=2
-    python -m resnet_jax.results /tmp/quickstart_sweep --metric=eval/top1,train/top1
+    python -m resnet_jax.sweep.results /tmp/quickstart_sweep --metric=eval/top1,train/top1
 """
 
 from resnet_jax.sweep import product, seeds

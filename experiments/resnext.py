@@ -3,7 +3,7 @@ CIFAR-10 and CIFAR-100.
 
     python -m resnet_jax.train --config=experiments/resnext.py:resnext29_8x64d --workdir=runs/resnext29_8x64d
     python -m resnet_jax.sweep --config=experiments/resnext.py --sweep_dir=runs/resnext --launcher=local
-    python -m resnet_jax.results runs/resnext
+    python -m resnet_jax.sweep.results runs/resnext
 
 Recipe (the paper's CIFAR section): a 64-wide 3x3 stem and three stages of 3 bottlenecks with
 cardinality C and 64-d groups; SGD momentum 0.9, weight decay 5e-4, batch 128, lr 0.1 divided

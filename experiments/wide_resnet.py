@@ -5,7 +5,7 @@ without dropout) on CIFAR-10 and CIFAR-100.
     python -m resnet_jax.train --config=experiments/wide_resnet.py:wrn28_10,dataset=cifar100 \
         --workdir=runs/wrn28_10_c100 --config.model.dropout_rate=0.3
     python -m resnet_jax.sweep --config=experiments/wide_resnet.py --sweep_dir=runs/wrn --launcher=local
-    python -m resnet_jax.results runs/wrn
+    python -m resnet_jax.sweep.results runs/wrn
 
 Recipe (the paper's): pre-activation basic blocks, depth 6n+4, widths 16/16k/32k/64k; SGD with
 Nesterov momentum 0.9, weight decay 5e-4, batch 128, lr 0.1 multiplied by 0.2 at epochs 60,

@@ -16,7 +16,7 @@ from flax import traverse_util
 from helpers import images, tiny_config
 from jax.sharding import Mesh
 
-from resnet_jax.analysis import common, gradient_flow, landscape, paths
+from resnet_jax.analyze import common, gradient_flow, landscape, paths
 from resnet_jax.models import get_model
 from resnet_jax.train import step as step_lib
 
@@ -99,7 +99,7 @@ def test_a_deleted_plain_block_is_the_identity_and_downsampling_blocks_stay():
     _, state = model.apply(v, x, keep=jnp.array([1.0, 0.0, 1.0, 1.0]), mutable=['intermediates'])
     inter = state['intermediates']
     np.testing.assert_array_equal(inter['stage1_block1']['output'][0], inter['stage1_block0']['output'][0])
-    from resnet_jax.analysis.lesion import deletable_blocks
+    from resnet_jax.analyze.lesion import deletable_blocks
     assert deletable_blocks(model, v, x) == [0, 1]
 
 

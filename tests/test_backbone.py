@@ -25,7 +25,7 @@ from resnet_jax.errors import ConfigError
 from resnet_jax.models import BlockDesign, ResidualBlock, get_model
 from resnet_jax.models.resnet import conv
 from resnet_jax.models.torchvision_import import from_torchvision
-from resnet_jax.torch_reference import (
+from resnet_jax.pytorch.reference import (
     Bottleneck,
     ReferenceR3D,
     ReferenceResNet,

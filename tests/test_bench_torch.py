@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnet_jax.bench_torch import (
+from resnet_jax.pytorch.bench import (
     REFERENCE,
     TORCHVISION,
     make_model,
@@ -30,7 +30,7 @@ from resnet_jax.bench_torch import (
 from resnet_jax.data.augment import normalize
 from resnet_jax.models.registry import get_model
 from resnet_jax.models.torchvision_import import from_torchvision
-from resnet_jax.torch_reference import (
+from resnet_jax.pytorch.reference import (
     CIFAR_CONFIGS,
     ZeroPadShortcut,
     randomize_,

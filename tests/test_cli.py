@@ -36,21 +36,21 @@ CASES = [
                '--config.optim.lrr=0.1'], TYPO.replace('error: ', 'error: run skip=identity,seed=0: ')),
     ('sweep_args', ['resnet_jax.sweep', f'--config={QUICKSTART}', '--sweep_dir={tmp}/sweep', 'extra'],
      "error: unexpected arguments: ['extra']"),
-    ('results', ['resnet_jax.results', '{tmp}/nothing'],
+    ('results', ['resnet_jax.sweep.results', '{tmp}/nothing'],
      'error: {tmp}/nothing has no sweep.json: is it a sweep directory made by python -m resnet_jax.sweep?'),
-    ('results_metric', ['resnet_jax.results', '{tmp}/nothing', '--metric='],
+    ('results_metric', ['resnet_jax.sweep.results', '{tmp}/nothing', '--metric='],
      'error: --metric: name at least one metrics.jsonl key, e.g. --metric=eval/top1'),
     ('analyze', ['resnet_jax.analyze', 'paths', f'--config={QUICKSTART}', '--out={tmp}/a', '--config.optim.lrr=1'],
      TYPO),
     ('bench', ['resnet_jax.bench', '--model=resnet5O'], NO_MODEL.replace('error: ', 'error: --model: ') +
-     ' Run python -m resnet_jax.models.summary for the list.'),
-    ('throughput', ['resnet_jax.data.throughput', f'--config={QUICKSTART}:resnet56'], NO_ARG),
+     ' Run python -m resnet_jax.models for the list.'),
+    ('throughput', ['resnet_jax.bench.throughput', f'--config={QUICKSTART}:resnet56'], NO_ARG),
     ('slurm', ['resnet_jax.launch.slurm', f'--config={QUICKSTART}:resnet56', '--workdir={tmp}/run', '--dry_run'],
      NO_ARG),
     ('tpu', ['resnet_jax.launch.tpu', '--tpu_name=a', '--tpu_zone=b', '--dry_run'],
      'error: give one command, one of create, run, copy_logs, delete; got none'),
-    ('summary', ['resnet_jax.models.summary', 'resnet5O'],
-     NO_MODEL + ' Run python -m resnet_jax.models.summary for the list.'),
+    ('summary', ['resnet_jax.models', 'resnet5O'],
+     NO_MODEL + ' Run python -m resnet_jax.models for the list.'),
 ]
 DEBUG = ['resnet_jax.train', f'--config={QUICKSTART}', '--workdir={tmp}/run', '--config.optim.lrr=0.1', '--debug']
 HELP = {'sweep': ['--sweep_dir', '--launcher', '--only', '--local_parallel', '--debug'],
@@ -69,7 +69,7 @@ def outputs(tmp_path_factory):
     """{name: CompletedProcess} of every case, the debug runs and the --help listings, run 3 at a time."""
     tmp = tmp_path_factory.mktemp('cli')
     jobs = {name: (args, None) for name, args, _ in CASES}
-    jobs.update({'debug': (DEBUG, None), 'debug_env': (['resnet_jax.models.summary', 'resnet5O'],
+    jobs.update({'debug': (DEBUG, None), 'debug_env': (['resnet_jax.models', 'resnet5O'],
                                                         {'RESNET_JAX_DEBUG': '1'})})
     jobs.update({f'help_{c}': ([f'resnet_jax.{c}', '--help'], None) for c in HELP})
     with futures.ThreadPoolExecutor(3) as pool:

@@ -184,4 +184,4 @@ def test_readme_preset_table_is_generated_from_the_registry():
     block = re.search(r'<!-- presets:begin -->\n(.*?)\n<!-- presets:end -->', readme, re.S)
     assert block, 'README.md lost its preset table markers'
     assert block[1].strip() == table(list(PRESETS)).strip(), (
-        'README preset table is stale: regenerate it with python -m resnet_jax.models.summary')
+        'README preset table is stale: regenerate it with python -m resnet_jax.models')

@@ -91,7 +91,7 @@ def test_warm_start_from_torchvision_weights(tmp_path):
     from safetensors.torch import save_file
 
     from resnet_jax.models.torchvision_import import from_torchvision
-    from resnet_jax.torch_reference import randomize_, reference_resnet
+    from resnet_jax.pytorch.reference import randomize_, reference_resnet
 
     reference = randomize_(reference_resnet('resnet20', num_classes=100), seed=3)
     path = tmp_path / 'resnet20.safetensors'

@@ -120,7 +120,7 @@ def test_streamed_training_end_to_end(datasets, tmp_path):
 
 
 def test_throughput_command_prints_a_row_per_feed():
-    result = run_module(['-m', 'resnet_jax.data.throughput', '--config=experiments/quickstart.py',
+    result = run_module(['-m', 'resnet_jax.bench.throughput', '--config=experiments/quickstart.py',
                          '--config.data.num_train=256', '--config.data.image_size=16', '--feeds=host,device,stream',
                          '--workers=0', '--batches=3', '--warmup=1'])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -128,5 +128,5 @@ def test_throughput_command_prints_a_row_per_feed():
     assert [row.split('|')[2].strip() for row in table] == ['host', 'device', 'stream']
     for row in table:
         assert float(row.split('|')[8].replace(',', '')) > 0  # images per second
-    bad = run_module(['-m', 'resnet_jax.data.throughput', '--config=experiments/quickstart.py', '--feeds=gpu'])
+    bad = run_module(['-m', 'resnet_jax.bench.throughput', '--config=experiments/quickstart.py', '--feeds=gpu'])
     assert bad.returncode != 0 and re.search(r"--feeds: \['gpu'\] not among host, device, stream", bad.stderr)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from resnet_jax import results
+from resnet_jax.sweep import results
 from resnet_jax.data import arrays, augment, pipeline, sources
 from resnet_jax.errors import ConfigError
 from resnet_jax.models import get_model

@@ -108,7 +108,7 @@ def test_a_sweep_runs_as_one_job_array_and_gives_the_results_table(cluster, tmp_
     finals = [read_lines(Path(run.workdir))[-1] for run in runs]
     assert len(set(finals)) == 3
 
-    table = subprocess.run([sys.executable, '-m', 'resnet_jax.results', str(sweep_dir)], cwd=ROOT,
+    table = subprocess.run([sys.executable, '-m', 'resnet_jax.sweep.results', str(sweep_dir)], cwd=ROOT,
                            env=job_env(cluster), capture_output=True, text=True, timeout=TIMEOUT)
     assert table.returncode == 0, table.stderr
     rows = [line for line in table.stdout.splitlines() if line.startswith('| 0.')]

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from test_train import run_module
 
-from resnet_jax import results, sweep
+from resnet_jax import sweep
+from resnet_jax.sweep import results
 from resnet_jax.launch import local
 from resnet_jax.sweep import (
     RunSpec,

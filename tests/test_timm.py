@@ -31,7 +31,7 @@ from resnet_jax.models import (
     to_torchvision,
 )
 from resnet_jax.models.timm_import import TIMM_MODELS, timm_name, timm_table
-from resnet_jax.torch_reference import randomize_, reference_resnet, reference_timm
+from resnet_jax.pytorch.reference import randomize_, reference_resnet, reference_timm
 
 RTOL = 1e-5  # relative to the largest logit: float32 noise is ~1e-6 here (see test_torch_equivalence)
 X = np.random.default_rng(0).standard_normal((2, 3, 65, 65), dtype=np.float32)

@@ -21,7 +21,7 @@ import torch
 
 from resnet_jax.models.registry import get_model
 from resnet_jax.models.torchvision_import import from_torchvision, load_state_dict
-from resnet_jax.torch_reference import randomize_, reference_resnet
+from resnet_jax.pytorch.reference import randomize_, reference_resnet
 
 MODELS = ('resnet18', 'resnet50', 'resnext50_32x4d', 'wide_resnet50_2')
 # float32 noise after ~50 layers is about 1e-6 of the largest logit (measured 5e-7..1e-6), but a

@@ -130,7 +130,7 @@ def check_config(config) -> ResNet:
     name = config.model.name
     if name not in PRESETS:
         refuse('model.name', f'unknown model {name!r}.{close_matches(name, PRESETS)}'
-                             ' Run python -m resnet_jax.models.summary for the list.')
+                             ' Run python -m resnet_jax.models for the list.')
     try:
         model = get_model(name, **model_overrides(config))
     except ValueError as e:

@@ -1,7 +1,7 @@
 """Parameter and multiply-accumulate counts of the presets, as the README's table.
 
-    python -m resnet_jax.models.summary            # Markdown table of every preset, by family
-    python -m resnet_jax.models.summary resnet50   # only the named presets
+    python -m resnet_jax.models            # Markdown table of every preset, by family
+    python -m resnet_jax.models resnet50   # only the named presets
 
 MACs are counted the way torchvision reports GMACs: every conv and linear layer, one
 multiply-add per weight per output position, for one image at the preset's native
@@ -72,11 +72,5 @@ def main(argv: list[str]) -> None:
     for name in argv[1:]:
         if name not in PRESETS:
             raise UserError(f'unknown model {name!r}.{close_matches(name, PRESETS)} Run python -m '
-                            'resnet_jax.models.summary for the list.')
+                            'resnet_jax.models for the list.')
     print(table(argv[1:] or list(PRESETS)))
-
-
-if __name__ == '__main__':
-    from resnet_jax import cli
-
-    cli.run(main)

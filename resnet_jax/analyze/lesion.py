@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.analysis import common
+from resnet_jax.analyze import common
 from resnet_jax.models import residual_stream
 
 

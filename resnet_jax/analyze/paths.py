@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.analysis import common
-from resnet_jax.analysis.gradient_flow import stream_gradients
+from resnet_jax.analyze import common
+from resnet_jax.analyze.gradient_flow import stream_gradients
 
 
 def path_counts(num_blocks: int) -> list[int]:

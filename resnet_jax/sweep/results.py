@@ -1,4 +1,4 @@
-"""python -m resnet_jax.results <sweep_dir> [--metric=eval/top1,train/top1] [--dashed=REGEX]
+"""python -m resnet_jax.sweep.results <sweep_dir> [--metric=eval/top1,train/top1] [--dashed=REGEX]
 
 Collects every run of a sweep (from `sweep.json` and each run's `metrics.jsonl`) into one
 table: a row per configuration, the runs that differ only in `seed` averaged (mean ± sample
@@ -242,7 +242,7 @@ def cli() -> None:
 
     def main(argv):
         if len(argv) != 2:
-            raise app.UsageError('usage: python -m resnet_jax.results <sweep_dir> [--metric=...] [--dashed=...]')
+            raise app.UsageError('usage: python -m resnet_jax.sweep.results <sweep_dir> [--metric=...] [--dashed=...]')
         re.compile(flags.FLAGS.dashed)
         print(report(argv[1], flags.FLAGS.metric, flags.FLAGS.dashed), end='')
 
@@ -250,6 +250,4 @@ def cli() -> None:
 
 
 if __name__ == '__main__':
-    from resnet_jax import results
-
-    results.cli()
+    cli()

@@ -1,6 +1,6 @@
 """degradation: He et al. 2016's Figure 6 from a sweep of plain and residual runs at several depths.
 
-Reads the sweep through `resnet_jax.results.collect` and each run's recorded config. Two panels,
+Reads the sweep through `resnet_jax.sweep.results.collect` and each run's recorded config. Two panels,
 plain and residual, one colour per depth: thin dashed lines are the training error and bold lines
 the test error against iterations. The training error is `train/top1` as the runs log it: the
 running average over the logging window, on augmented batches, as He et al.'s curves are. Depth
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from resnet_jax import workdir as workdir_lib
-from resnet_jax.analysis import common
+from resnet_jax.analyze import common
 from resnet_jax.train import config as config_lib
 
 NOT_COUNTED = ('shortcut_conv', 'gate', 'se')  # kernels off the main path
@@ -31,7 +31,7 @@ def depth(model, image_size: int) -> int:
 
 def runs(sweep_dir: str) -> list[dict]:
     """One entry per run that has started: name, kind, depth, and its train/test error histories (%)."""
-    from resnet_jax import results
+    from resnet_jax.sweep import results
 
     entries = []
     for record in results.collect(sweep_dir):

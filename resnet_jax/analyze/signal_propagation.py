@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.analysis import common
+from resnet_jax.analyze import common
 
 QUANTITIES = ('mean', 'sq_channel_mean', 'channel_var')
 

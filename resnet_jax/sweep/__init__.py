@@ -260,7 +260,7 @@ def expand(spec: str, sweep_dir: str, common: tuple[str, ...] = ()) -> tuple[dic
     module = config_lib.config_module(path)
     if not hasattr(module, 'get_sweep'):
         raise SweepError(f'{path} defines no get_sweep(arg); add one returning a list of override dicts '
-                         '(see resnet_jax/sweep.py)')
+                         '(see resnet_jax/sweep/__init__.py)')
     try:
         entries = module.get_sweep(arg) if arg else module.get_sweep()
     except SweepError:
@@ -465,9 +465,3 @@ def cli() -> None:
     common = tuple(a for a in sys.argv[1:] if a.startswith('--config.'))
     sys.argv = [a for a in sys.argv if not a.startswith('--config.')]
     cli.run(lambda argv: main(argv, common))
-
-
-if __name__ == '__main__':  # run the imported module's cli, so launchers see the same RunSpec class
-    from resnet_jax import sweep
-
-    sweep.cli()

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import sharding
-from resnet_jax.analysis import common
+from resnet_jax.analyze import common
 
 SURFACE_CAP = 10.0  # losses above this are clipped in the surface and contour plots (not in the data)
 

@@ -1,6 +1,6 @@
 """Input-pipeline throughput: how fast each feed delivers training batches, with no model.
 
-    python -m resnet_jax.data.throughput --config=experiments/cifar10.py \
+    python -m resnet_jax.bench.throughput --config=experiments/cifar10.py \
         --config.data.dataset=folder:/tmp/cifar10 --feeds=host,device,stream --workers=0,2
 
 Each row builds the pipeline from scratch and times it up to the point where the train step

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from resnet_jax.analysis import common
+from resnet_jax.analyze import common
 from resnet_jax.models import ResidualBlock, residual_stream
 
 

@@ -1,6 +1,6 @@
 """python -m resnet_jax.analyze <tool>[,<tool>...] --workdir=<run> [--compare=<run>] [options]
 
-Tools (DESIGN.md section 1, one module each under resnet_jax/analysis/):
+Tools (DESIGN.md section 1, one module each under resnet_jax/analyze/):
     gradient-flow  per-block norms of dL/dh_l and of the weight gradients, at init and at each checkpoint
     signal         per-block mean and variance of the residual stream and of each branch
     lesion         error with each block deleted, and with k random blocks deleted (Veit et al.)
@@ -18,23 +18,19 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
-from ml_collections import config_flags
-
-from resnet_jax.analysis import common
+from resnet_jax import workdir as workdir_lib
+from resnet_jax.analyze import (
+    common,
+    degradation,
+    gradient_flow,
+    landscape,
+    lesion,
+    paths,
+    signal_propagation,
+)
+from resnet_jax.train import config as config_lib
 
 TOOLS = ('gradient-flow', 'signal', 'lesion', 'paths', 'landscape', 'degradation')
-
-CONFIG = config_flags.DEFINE_config_file('config', None, 'analyse a fresh initialisation of this experiment config')
-flags.DEFINE_string('workdir', None, 'the run to analyse (a resnet_jax.train workdir)')
-flags.DEFINE_string('compare', None, 'a second run shown beside the first in every plot (e.g. its plain twin)')
-flags.DEFINE_integer('step', None, 'checkpoint step to analyse (default: the newest readable one)')
-flags.DEFINE_string('out', None, 'output directory (default: <workdir>/analysis; required with --config)')
-flags.DEFINE_string('sweep_dir', None, 'degradation: the sweep directory of plain and residual runs')
-for _field in common.Options.__dataclass_fields__.values():
-    _define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}[type(_field.default)]
-    _define(_field.name, _field.default, f'see resnet_jax.analysis.common.Options ({_field.name})')
-FLAGS = flags.FLAGS
 
 
 def parse_tools(spec: str) -> list[str]:
@@ -49,9 +45,6 @@ def parse_tools(spec: str) -> list[str]:
 
 def check_run(workdir: str, flag: str):
     """The run's recorded config; fails before any work if the directory is not a trained run."""
-    from resnet_jax import workdir as workdir_lib
-    from resnet_jax.train import config as config_lib
-
     if not os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
         raise ValueError(f'--{flag}={workdir} has no config.json: is it a resnet_jax.train workdir?')
     if not os.path.isdir(workdir_lib.checkpoints(workdir)):
@@ -62,16 +55,6 @@ def check_run(workdir: str, flag: str):
 def analyse(tools: list[str], options: common.Options, workdir=None, config=None, compare=None, step=None,
             out=None, sweep_dir=None) -> list[str]:
     """Run `tools`; every argument is checked before anything is loaded. Returns the files written."""
-    from resnet_jax.analysis import (
-        degradation,
-        gradient_flow,
-        landscape,
-        lesion,
-        paths,
-        signal_propagation,
-    )
-    from resnet_jax.train import config as config_lib
-
     modules = {'gradient-flow': gradient_flow, 'signal': signal_propagation, 'lesion': lesion, 'paths': paths,
                'landscape': landscape}
     model_tools = [t for t in tools if t != 'degradation']
@@ -100,20 +83,3 @@ def analyse(tools: list[str], options: common.Options, workdir=None, config=None
         for tool in model_tools:
             files += modules[tool].analyse(subjects, options, common.output_dir(subjects[0], tool, out))
     return files
-
-
-def main(argv):
-    if len(argv) != 2:
-        raise app.UsageError(f'usage: python -m resnet_jax.analyze <tool>[,<tool>...] --workdir=<run>; tools: '
-                             f'{", ".join(TOOLS)}, all')
-    tools = parse_tools(argv[1])  # its ValueErrors, and those of the options, are printed by resnet_jax.cli
-    options = common.Options(**{name: FLAGS[name].value for name in common.Options.__dataclass_fields__})
-    files = analyse(tools, options, FLAGS.workdir, CONFIG.value, FLAGS.compare, FLAGS.step, FLAGS.out,
-                    FLAGS.sweep_dir)
-    print('\n'.join(files))
-
-
-if __name__ == '__main__':
-    from resnet_jax import cli
-
-    cli.run(main, config_flag='config', errors=(ValueError,))

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnet_jax.torch_reference import CIFAR_CONFIGS, CONFIGS, reference_resnet
+from resnet_jax.pytorch.reference import CIFAR_CONFIGS, CONFIGS, reference_resnet
 
 TORCHVISION = 'torchvision'
 REFERENCE = 'torch.nn reference'
