@@ -20,9 +20,10 @@ import ast
 import os
 import sys
 
-from absl import flags
+from absl import app, flags
 
 from resnet_jax.errors import USAGE_EXIT_CODE, UserError
+from resnet_jax.train import config as config_lib
 
 DEBUG_ENV = 'RESNET_JAX_DEBUG'
 # OS errors about a path the user gave; their message names the path.
@@ -74,8 +75,6 @@ def _parse(argv: list[str], config_flag: str | None):
     the config file named by `--<config_flag>` and its overrides are checked first, so that a
     missing get_config, a wrong argument or a typo'd field is named plainly."""
     if config_flag is not None:
-        from resnet_jax.train import config as config_lib
-
         try:
             config_lib.check_config_args(argv[1:], config_flag)
         except UserError as e:
@@ -90,8 +89,6 @@ def run(main, config_flag: str | None = None, errors: tuple[type[BaseException],
     """absl's app.run(main) where a user error (a `UserError`, a flag or usage error, a path error,
     or one of `errors`) prints 'error: <message>' and exits with code 2; `main`'s return value is the
     exit code. `config_flag` names a config-file flag (ml_collections) whose file is checked first."""
-    from absl import app
-
     # Defined here, not on import: modules that import UserError stay free of command-line flags.
     flags.DEFINE_bool('debug', False, f'show the traceback of user errors too (or set {DEBUG_ENV}=1)')
     list_own_flags()

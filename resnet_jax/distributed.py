@@ -25,6 +25,7 @@ HEARTBEAT_TIMEOUT = flags.DEFINE_integer('heartbeat_timeout', 100, 'seconds with
 
 
 def slurm_multi_task() -> bool:
+    """Whether this process is one task of several in a SLURM step, where JAX joins the run itself."""
     return int(os.environ.get('SLURM_STEP_NUM_TASKS', os.environ.get('SLURM_NTASKS', '1'))) > 1
 
 

@@ -250,8 +250,9 @@ def test_no_imports_inside_functions():
     problems = []
     for module, tree in TREES.items():
         parents = _parents(tree)
-        for node, name, _ in _imports(module, tree):
+        for node, name, targets in _imports(module, tree):
             if name.split('.')[0] not in LAZY and _in_function(node, parents):
+                name = ', '.join(targets) or name
                 problems.append(f'{_where(module, node)}: {name} is imported inside a function (import it at the top '
                                 'of the module; only optional or heavy dependencies stay lazy: '
                                 f'{", ".join(LAZY)})')

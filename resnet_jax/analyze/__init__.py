@@ -34,6 +34,8 @@ TOOLS = ('gradient-flow', 'signal', 'lesion', 'paths', 'landscape', 'degradation
 
 
 def parse_tools(spec: str) -> list[str]:
+    """The tools named by the command's first argument ('all' expanded, duplicates dropped), in order;
+    a ValueError naming every tool for an unknown one."""
     tools = [t for t in spec.split(',') if t]
     tools = [t for name in tools for t in (TOOLS[:-1] if name == 'all' else [name])]
     unknown = [t for t in tools if t not in TOOLS]

@@ -21,6 +21,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+    """Run the tools named by the one argument on the flags' run(s); print the files written."""
     if len(argv) != 2:
         raise app.UsageError(f'usage: python -m resnet_jax.analyze <tool>[,<tool>...] --workdir=<run>; tools: '
                              f'{", ".join(TOOLS)}, all')

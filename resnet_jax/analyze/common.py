@@ -63,11 +63,13 @@ def model_of(config):
 
 
 def kind(model) -> str:
+    """'plain' (no shortcut, skip='none') or 'residual': the two curves every plot compares."""
     return 'plain' if model.design.skip == 'none' else 'residual'
 
 
 @dataclasses.dataclass
 class Subject:
+    """One network the tools analyse: a run rebuilt by the training code, and its variables at `step`."""
     label: str
     run: object              # resnet_jax.train.loop.Run
     step: int                # the training step of `variables` (0: initialisation)
@@ -76,21 +78,27 @@ class Subject:
 
     @property
     def config(self):
+        """The run's resolved config."""
         return self.run.config
 
     @property
     def model(self):
+        """The network, without rematerialisation (which changes memory use, never values)."""
         return self.run.model.clone(remat=False)  # remat changes memory use, never values
 
     @property
     def kind(self) -> str:
+        """'plain' or 'residual' (see `kind`)."""
         return kind(self.run.model)
 
     @property
     def num_blocks(self) -> int:
+        """The number of residual blocks, the x axis of the per-block plots."""
         return len(self.run.model.block_names)
 
     def checkpoint_steps(self) -> list[int]:
+        """The steps of the run's saved checkpoints ([] for a fresh model), for tools that
+        follow training."""
         if self.workdir is None:
             return []
         manager = checkpoint.Manager(workdir_lib.checkpoints(self.workdir), self.config, read_only=True)
@@ -108,6 +116,7 @@ class Subject:
 
 
 def state_variables(state) -> dict:
+    """A train state's {'params', 'batch_stats'}: what `model.apply` takes."""
     return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
@@ -170,6 +179,7 @@ def batch_loss(model, variables, x, y, train: bool, **hooks):
 # --- output -------------------------------------------------------------------------------------
 
 def output_dir(subject: Subject, tool: str, out: str | None) -> str:
+    """<out or the run's analysis/>/<tool>/, created: where a tool writes its files."""
     base = out if out else os.path.join(subject.workdir, 'analysis')
     path = os.path.join(base, tool)
     os.makedirs(path, exist_ok=True)
@@ -177,6 +187,7 @@ def output_dir(subject: Subject, tool: str, out: str | None) -> str:
 
 
 def write_json(directory: str, name: str, content) -> str:
+    """Write `content` to <directory>/<name> as JSON (numpy scalars as floats); the path."""
     path = os.path.join(directory, name)
     with open(path, 'w') as f:
         json.dump(content, f, indent=1, default=float)
@@ -184,6 +195,7 @@ def write_json(directory: str, name: str, content) -> str:
 
 
 def write_csv(directory: str, name: str, rows: list[dict]) -> str:
+    """Write `rows` (dicts with the same keys) to <directory>/<name> as CSV; the path."""
     path = os.path.join(directory, name)
     with open(path, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -193,6 +205,7 @@ def write_csv(directory: str, name: str, rows: list[dict]) -> str:
 
 
 def write_summary(directory: str, title: str, lines: list[str], files: list[str]) -> str:
+    """Write <directory>/summary.md: a title, the tool's findings and the files it wrote; the path."""
     path = os.path.join(directory, 'summary.md')
     names = ', '.join(f'`{os.path.basename(f)}`' for f in files)
     with open(path, 'w') as f:
@@ -211,11 +224,13 @@ def figure(rows: int, cols: int, width: float = 5.5, height: float = 4.2, **subp
 
 
 def save_figure(fig, directory: str, name: str) -> str:
+    """Save `fig` as <directory>/<name>; the path."""
     path = os.path.join(directory, name)
     fig.savefig(path, dpi=80)
     return path
 
 
 def describe(subject: Subject) -> str:
+    """One line naming the subject, its kind and depth, and where its variables come from, for summaries."""
     where = f'`{subject.workdir}` at step {subject.step}' if subject.workdir else 'a fresh initialisation'
     return f'{subject.label} ({subject.kind}, {subject.num_blocks} blocks): {where}'

@@ -18,12 +18,14 @@ from flax import traverse_util
 
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.analyze import common
+from resnet_jax.sweep import results
 from resnet_jax.train import config as config_lib
 
 NOT_COUNTED = ('shortcut_conv', 'gate', 'se')  # kernels off the main path
 
 
 def depth(model, image_size: int) -> int:
+    """The weight layers of `model` on the main path (convs and the classifier): the papers' depth."""
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
     paths = traverse_util.flatten_dict(shapes['params'])
     return sum(1 for path in paths if path[-1] == 'kernel' and not any(p in NOT_COUNTED for p in path))
@@ -31,8 +33,6 @@ def depth(model, image_size: int) -> int:
 
 def runs(sweep_dir: str) -> list[dict]:
     """One entry per run that has started: name, kind, depth, and its train/test error histories (%)."""
-    from resnet_jax.sweep import results
-
     entries = []
     for record in results.collect(sweep_dir):
         if not os.path.exists(os.path.join(record['workdir'], workdir_lib.CONFIG_FILE)):
@@ -49,6 +49,8 @@ def runs(sweep_dir: str) -> list[dict]:
 
 
 def analyse(sweep_dir: str, out: str) -> list[str]:
+    """Figure 6 of He et al. from the sweep's runs into `out`: JSON, CSV, the plot and summary.md; the
+    files written."""
     entries = runs(sweep_dir)
     os.makedirs(out, exist_ok=True)
     rows = []
@@ -71,6 +73,7 @@ def analyse(sweep_dir: str, out: str) -> list[str]:
 
 
 def plot(entries, out: str) -> str:
+    """The two panels (plain, residual) of training and test error against iterations, a colour per depth."""
     depths = sorted({e['depth'] for e in entries})
     colours = {d: f'C{i % 10}' for i, d in enumerate(depths)}
     fig, axes = common.figure(1, 2, width=6.0, height=4.5)

@@ -46,6 +46,8 @@ def stream_gradients(model, variables, x, y, train: bool, **hooks):
 
 
 def analyse(subjects, options: common.Options, out: str) -> list[str]:
+    """Per-block gradient norms of each subject at initialisation and at its checkpoints, on one batch,
+    into `out`; the files written."""
     x, y = common.examples(subjects[0], options)
     x, y = x[:options.batch_size], y[:options.batch_size]
     results, rows = [], []
@@ -76,6 +78,7 @@ def analyse(subjects, options: common.Options, out: str) -> list[str]:
 
 
 def plot(results, out: str, bn: str) -> str:
+    """Stream-gradient and weight-gradient norms against block, a line per checkpoint (lighter: earlier)."""
     fig, axes = common.figure(1, 2)
     for r in results:
         colour = common.COLOURS[r['kind']]

@@ -23,6 +23,9 @@ SURFACE_CAP = 10.0  # losses above this are clipped in the surface and contour p
 
 
 def filter_normalized_direction(key, params):
+    """A random direction shaped like `params`, each filter scaled to the norm of the
+    same filter of the weights and rank <= 1 parameters zeroed (Li et al.), so that directions are comparable
+    across nets whose weights differ in scale."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
 
     def direction(k, w):
@@ -72,6 +75,8 @@ def nonconvex_fraction(loss: np.ndarray) -> float:
 
 
 def analyse(subjects, options: common.Options, out: str) -> list[str]:
+    """Loss and accuracy of each subject on a line and a grid of filter-normalised directions, into `out`;
+    the files written."""
     x, y = common.examples(subjects[0], options)
     axis = np.linspace(-options.span, options.span, options.grid)
     line = np.stack([axis, np.zeros_like(axis)], axis=-1)
@@ -116,6 +121,7 @@ def analyse(subjects, options: common.Options, out: str) -> list[str]:
 
 
 def plot(results, axis, out: str) -> list[str]:
+    """The 1-D loss and error curves, and the 2-D contour and surface of each subject; the files written."""
     fig, axes = common.figure(1, 2)
     for r in results:
         colour = common.COLOURS[r['kind']]

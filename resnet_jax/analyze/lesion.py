@@ -40,6 +40,8 @@ def evaluator(model, x, y, batch_size: int):
 
 
 def analyse(subjects, options: common.Options, out: str) -> list[str]:
+    """Error of each subject with every single block deleted and with k random blocks deleted, into
+    `out`; the files written."""
     x, y = common.examples(subjects[0], options)
     results, rows = [], []
     for subject in subjects:
@@ -89,6 +91,7 @@ def analyse(subjects, options: common.Options, out: str) -> list[str]:
 
 
 def plot(results, out: str) -> str:
+    """Error against the deleted block, and against the number of random blocks deleted."""
     fig, axes = common.figure(1, 2)
     for r in results:
         colour = common.COLOURS[r['kind']]

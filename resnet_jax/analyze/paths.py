@@ -32,6 +32,7 @@ def path_counts(num_blocks: int) -> list[int]:
 
 
 def path_length_distribution(num_blocks: int) -> np.ndarray:
+    """The fraction of the 2^L paths that have each length 0..L: Binomial(L, 1/2)."""
     return np.array([c / 2 ** num_blocks for c in path_counts(num_blocks)])
 
 
@@ -48,6 +49,8 @@ def shortest_interval(weights, fraction: float) -> tuple[int, int]:
 
 
 def analyse(subjects, options: common.Options, out: str) -> list[str]:
+    """Path-length distribution and the gradient carried by paths of each length for each residual
+    subject (plain ones are skipped and said so), into `out`; the files written."""
     x, y = common.examples(subjects[0], options)
     x, y = x[:options.batch_size], y[:options.batch_size]
     results, rows, skipped = [], [], []
@@ -96,6 +99,7 @@ def analyse(subjects, options: common.Options, out: str) -> list[str]:
 
 
 def plot(results, out: str) -> str:
+    """Fraction of paths, gradient of one path and share of the total gradient against path length."""
     fig, axes = common.figure(1, 3, width=4.6)
     for r in results:
         k = [e['k'] for e in r['lengths']]

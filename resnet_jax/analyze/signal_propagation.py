@@ -19,6 +19,8 @@ QUANTITIES = ('mean', 'sq_channel_mean', 'channel_var')
 
 
 def channel_statistics(h) -> dict:
+    """{'mean', 'sq_channel_mean', 'channel_var'} of activations h (channels last), the
+    signal-propagation quantities."""
     axes = tuple(range(h.ndim - 1))
     h = h.astype(jnp.float32)
     return {'mean': h.mean(), 'sq_channel_mean': jnp.mean(h.mean(axes) ** 2), 'channel_var': jnp.mean(h.var(axes))}
@@ -36,6 +38,8 @@ def statistics(model, variables, x, train: bool) -> dict:
 
 
 def analyse(subjects, options: common.Options, out: str) -> list[str]:
+    """Per-block statistics of the stream and the branches of each subject at initialisation and at its
+    checkpoint, into `out`; the files written."""
     x, _ = common.examples(subjects[0], options)
     x = x[:options.batch_size]
     results, rows = [], []
@@ -67,6 +71,7 @@ def analyse(subjects, options: common.Options, out: str) -> list[str]:
 
 
 def plot(results, out: str, bn: str) -> str:
+    """Channel variance and squared channel mean of the stream, and the branch variance, against block."""
     panels = [('stream', 'channel_var', 'average channel variance of h_l'),
               ('stream', 'sq_channel_mean', 'average squared channel mean of h_l'),
               ('branch', 'channel_var', 'average channel variance of branch l')]

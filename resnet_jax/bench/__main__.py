@@ -10,6 +10,9 @@ from absl import app, flags
 
 from resnet_jax import cli
 from resnet_jax.bench.measure import BenchError, measure_row, table
+from resnet_jax.errors import close_matches
+from resnet_jax.models.design import DTYPES
+from resnet_jax.models.registry import PRESETS
 
 SOURCES = ('synthetic', 'device', 'host')
 DEFAULT_STEPS_PROJECTED = 64_000  # He et al.'s CIFAR schedule, for the projected-time column
@@ -37,10 +40,6 @@ flags.DEFINE_string('json', None, 'write the rows to this JSON file')
 
 def _parse_rows() -> list[dict]:
     """The cartesian product of the list flags, checked before anything is compiled."""
-    from resnet_jax.errors import close_matches
-    from resnet_jax.models.design import DTYPES
-    from resnet_jax.models.registry import PRESETS
-
     for model in FLAGS.model:
         if model not in PRESETS:
             raise BenchError(f'--model: unknown model {model!r}.{close_matches(model, PRESETS)} '
@@ -64,6 +63,7 @@ def _parse_rows() -> list[dict]:
 
 
 def main(argv):
+    """Measure every row the flags ask for, each printed as JSON as it ends, then print the table."""
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     specs = _parse_rows()  # a BenchError is printed by resnet_jax.cli

@@ -6,8 +6,10 @@ pass them on."""
 from __future__ import annotations
 
 from absl import flags
+from ml_collections import config_flags
 
 from resnet_jax.errors import ConfigError, UserError
+from resnet_jax.train import config as config_lib
 
 
 class LaunchError(UserError, ValueError):
@@ -16,8 +18,6 @@ class LaunchError(UserError, ValueError):
 
 def define_training_flags() -> None:
     """--config (parsed and type-checked here, as resnet_jax.train will), --workdir and --dry_run."""
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file('config', None, 'experiment config file, e.g. experiments/cifar10.py:resnet56')
     flags.DEFINE_string('workdir', None, 'the run directory, a path that every process of the run can reach')
     flags.DEFINE_bool('dry_run', False, 'print what would be written and run; do nothing')
@@ -35,8 +35,6 @@ def config_args(argv: list[str]) -> list[str]:
 
 def validate(config, num_devices: int | None = None) -> None:
     """The project's config checks, on `num_devices` or the fewest devices the config's mesh accepts."""
-    from resnet_jax.train import config as config_lib
-
     if num_devices is None:
         num_devices = max(config.mesh.fsdp, 1) * max(config.mesh.data, 1)
     try:

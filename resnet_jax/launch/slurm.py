@@ -320,6 +320,8 @@ def launch(runs, sweep_dir: str, options) -> int:
 # --- python -m resnet_jax.launch.slurm: one training as one job ---------------------------------
 
 def main(argv) -> int:
+    """`python -m resnet_jax.launch.slurm`: check the job's shape and config, write its script and submit it
+    (printed only with --dry_run)."""
     options = flags.FLAGS
     if len(argv) > 1:
         raise LaunchError(f'unexpected arguments: {argv[1:]}')

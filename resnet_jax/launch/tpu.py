@@ -36,17 +36,16 @@ from resnet_jax.launch.command import (
     validate,
 )
 
-NAME = flags.DEFINE_string('tpu_name', None, 'the TPU VM (node) name')
-ZONE = flags.DEFINE_string('tpu_zone', None, 'its zone, e.g. us-central2-b')
-PROJECT = flags.DEFINE_string('tpu_project', None, 'Google Cloud project (default: gcloud config)')
-ACCELERATOR = flags.DEFINE_string('tpu_accelerator_type', None, 'for create: e.g. v4-8, v4-32, v5litepod-16, v5p-8, '
-                                  'v6e-8')
-VERSION = flags.DEFINE_string('tpu_version', None, 'for create: the TPU software version, e.g. tpu-ubuntu2204-base')
-SPOT = flags.DEFINE_bool('tpu_spot', False, 'for create: a Spot VM (cheaper, can be pre-empted)')
-REPO_DIR = flags.DEFINE_string('tpu_repo_dir', 'resnet_jax', 'the checkout on every worker, relative to the home '
-                               'directory or absolute')
-PYTHON = flags.DEFINE_string('tpu_python', 'python3', 'the interpreter on the workers')
-LOCAL_DIR = flags.DEFINE_string('tpu_local_dir', '.', 'for copy_logs: where the logs go on this machine')
+flags.DEFINE_string('tpu_name', None, 'the TPU VM (node) name')
+flags.DEFINE_string('tpu_zone', None, 'its zone, e.g. us-central2-b')
+flags.DEFINE_string('tpu_project', None, 'Google Cloud project (default: gcloud config)')
+flags.DEFINE_string('tpu_accelerator_type', None, 'for create: e.g. v4-8, v4-32, v5litepod-16, v5p-8, v6e-8')
+flags.DEFINE_string('tpu_version', None, 'for create: the TPU software version, e.g. tpu-ubuntu2204-base')
+flags.DEFINE_bool('tpu_spot', False, 'for create: a Spot VM (cheaper, can be pre-empted)')
+flags.DEFINE_string('tpu_repo_dir', 'resnet_jax', 'the checkout on every worker, relative to the home directory '
+                    'or absolute')
+flags.DEFINE_string('tpu_python', 'python3', 'the interpreter on the workers')
+flags.DEFINE_string('tpu_local_dir', '.', 'for copy_logs: where the logs go on this machine')
 
 COMMANDS = ('create', 'run', 'copy_logs', 'delete')
 ACCELERATOR_FORMAT = re.compile(r'v(\d+)(e|p|litepod|lite)?-(\d+)')
@@ -64,6 +63,7 @@ def _where(options) -> list[str]:
 
 
 def create_command(options) -> list[str]:
+    """The gcloud command that creates the TPU VM, after checking the accelerator type and version."""
     where = _where(options)
     accelerator = options.tpu_accelerator_type
     if not accelerator or not ACCELERATOR_FORMAT.fullmatch(accelerator):
@@ -106,10 +106,12 @@ def copy_logs_command(options, workdir: str) -> list[str]:
 
 
 def local_logs_dir(options, workdir: str) -> str:
+    """Where copy_logs puts a run's logs here: --tpu_local_dir/<the workdir's last part>."""
     return os.path.join(options.tpu_local_dir, os.path.basename(workdir.rstrip('/')))
 
 
 def delete_command(options) -> list[str]:
+    """The gcloud command that deletes the TPU VM (without asking)."""
     return ['gcloud', 'compute', 'tpus', 'tpu-vm', 'delete', options.tpu_name, *_where(options), '--quiet']
 
 
@@ -142,6 +144,8 @@ def launch(runs, sweep_dir: str, options) -> int:
 
 
 def main(argv) -> int:
+    """`python -m resnet_jax.launch.tpu <command>`: check the flags the command needs, then run its gcloud
+    command (printed only with --dry_run)."""
     options = flags.FLAGS
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise LaunchError(f'give one command, one of {", ".join(COMMANDS)}; got {" ".join(argv[1:]) or "none"}')

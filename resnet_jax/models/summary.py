@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnet_jax.errors import close_matches
+from resnet_jax.errors import UserError, close_matches
 from resnet_jax.models.registry import PRESETS, get_model, native_resolution
 from resnet_jax.models.resnet import ResNet, param_count
 
@@ -53,6 +53,7 @@ def count_macs(model: ResNet, resolution: int, frames: int = VIDEO_FRAMES) -> in
 
 
 def table(names: list[str]) -> str:
+    """The Markdown table of parameters, GMACs and input size of the presets `names`."""
     rows = ['| model | parameters | GMACs | input |', '|---|---:|---:|---:|']
     for name in names:
         model = get_model(name)
@@ -67,8 +68,6 @@ def table(names: list[str]) -> str:
 
 def main(argv: list[str]) -> None:
     """argv: absl's (the program, then the preset names; none: every preset)."""
-    from resnet_jax.errors import UserError
-
     for name in argv[1:]:
         if name not in PRESETS:
             raise UserError(f'unknown model {name!r}.{close_matches(name, PRESETS)} Run python -m '

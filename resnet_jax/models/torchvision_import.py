@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from resnet_jax.models.resnet import ResNet
 
@@ -177,7 +178,6 @@ def to_state_dict(variables: Mapping, model: ResNet) -> dict[str, np.ndarray]:
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
     """Write a state_dict of numpy arrays as safetensors, readable by `safetensors.torch.load_file`."""
-    from safetensors.numpy import save_file
     save_file(dict(state_dict), os.fspath(path))
 
 
@@ -206,7 +206,6 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a torchvision checkpoint safely: safetensors, or torch.load with weights_only=True."""
     path = os.fspath(path)
     if path.endswith('.safetensors'):
-        from safetensors.numpy import load_file
         return load_file(path)
     import torch  # only needed for .pth files
     return {k: v.numpy() for k, v in torch.load(path, map_location='cpu', weights_only=True).items()}

@@ -36,7 +36,10 @@ import sys
 
 import numpy as np
 from absl import flags
+from ml_collections import config_flags
 
+from resnet_jax import cli as cli_lib
+from resnet_jax.data import sources
 from resnet_jax.errors import ConfigError, UserError
 from resnet_jax.train import config as config_lib
 from resnet_jax.workdir import is_done, saved_steps
@@ -90,6 +93,7 @@ class uniform:  # noqa: N801 (reads as a distribution in a sample() space)
     digits: int = 3
 
     def draw(self, rng: np.random.Generator) -> float:
+        """One value, from `rng` so that a sweep draws the same points for the same seed."""
         return _round(rng.uniform(self.low, self.high), self.digits)
 
 
@@ -98,6 +102,7 @@ class log_uniform(uniform):  # noqa: N801
     """A float whose logarithm is uniform on [log low, log high] (learning rates, weight decay)."""
 
     def draw(self, rng: np.random.Generator) -> float:
+        """One value, uniform in log space (`uniform.draw` for scale-like settings)."""
         if not 0 < self.low < self.high:
             raise SweepError(f'log_uniform needs 0 < low < high, got {self.low}, {self.high}')
         return _round(math.exp(rng.uniform(math.log(self.low), math.log(self.high))), self.digits)
@@ -166,6 +171,7 @@ def _round(x: float, digits: int) -> float:
 
 
 def canonical(value) -> str:
+    """A JSON text equal for equal values whatever their key order: how runs and sweeps are compared."""
     return json.dumps(value, sort_keys=True, default=list)
 
 
@@ -173,6 +179,7 @@ def canonical(value) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
+    """One run of a sweep: its name, config, workdir and overrides, and the command that trains it."""
     name: str        # directory name derived from the overrides: filesystem-safe, unique in the sweep
     config: str      # the config spec, e.g. '/abs/experiments/cifar10.py:resnet20'
     workdir: str     # absolute: <sweep_dir>/<name>; recorded in sweep.json relative to the sweep directory
@@ -185,6 +192,7 @@ class RunSpec:
                 *(f'--config.{key}={_flag_value(value)}' for key, value in self.overrides.items()), *self.common]
 
     def command(self, python: str = sys.executable) -> str:
+        """The shell command that trains this run with `python` (printed, recorded, run by launchers)."""
         return shlex.join([python, *self.train_args()])
 
 
@@ -209,6 +217,7 @@ def _tuples(value):
 
 
 def name_value(value) -> str:
+    """A value as it appears in run names: short floats ('0.1'), lists joined by '-'."""
     if isinstance(value, float):
         short = f'{value:g}'
         return short if float(short) == value else repr(value)
@@ -297,8 +306,6 @@ def resolve(run: RunSpec):
     """The run's config, built by ml_collections' config flags from the run's command line, exactly
     as `python -m resnet_jax.train` builds it; an override that does not survive the command line
     (a wrong type, an unknown field) is an error naming the run."""
-    from ml_collections import config_flags
-
     argv = ['resnet_jax.train', *run.train_args()[2:]]
     values = flags.FlagValues()
     config_flags.DEFINE_config_file('config', None, flag_values=values, sys_argv=argv)
@@ -325,8 +332,6 @@ def validate_runs(runs: list[RunSpec], check_data: bool = True) -> list:
     one that trains); with `check_data`, each distinct training split is opened (file names or
     metadata only) so that schedules are checked against its size.
     """
-    from resnet_jax.data import sources
-
     sizes, configs = {}, []
     for run in runs:
         config = resolve(run)
@@ -412,6 +417,7 @@ def _define_flags() -> None:
 
 
 def main(argv, common: tuple[str, ...] = ()) -> int:
+    """The command's main under absl: refuse positional arguments, then `run_sweep` on the flags."""
     if len(argv) > 1:
         raise SweepError(f'unexpected arguments: {argv[1:]}')
     return run_sweep(flags.FLAGS, common)
@@ -456,12 +462,10 @@ def _launcher_from_argv(argv: list[str]) -> str:
 def cli() -> None:
     """`python -m resnet_jax.sweep`: the launcher's module is imported before absl parses the command
     line, so that its flags (--slurm_*, --tpu_*, --local_*) are known then."""
-    from resnet_jax import cli
-
     _define_flags()
     if _launcher_from_argv(sys.argv) in LAUNCHERS:
         importlib.import_module(f'resnet_jax.launch.{_launcher_from_argv(sys.argv)}')
     # --config.<key>=<value> (not flags of this command): settings for every run, passed on verbatim.
     common = tuple(a for a in sys.argv[1:] if a.startswith('--config.'))
     sys.argv = [a for a in sys.argv if not a.startswith('--config.')]
-    cli.run(lambda argv: main(argv, common))
+    cli_lib.run(lambda argv: main(argv, common))

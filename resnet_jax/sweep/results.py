@@ -23,7 +23,9 @@ import os
 import re
 
 import numpy as np
+from absl import app, flags
 
+from resnet_jax import cli as cli_lib
 from resnet_jax import sweep as sweep_lib
 from resnet_jax.train import metrics as metrics_lib
 
@@ -32,6 +34,7 @@ DEFAULT_DASHED = r'plain|skip=none'
 
 
 def is_accuracy(metric: str) -> bool:
+    """Whether `metric` is an accuracy (top1, top5), which the table shows as error %."""
     return metric.endswith(('top1', 'top5'))
 
 
@@ -144,6 +147,7 @@ def _format(mean: float, std: float, n: int, digits: int) -> str:
 
 
 def markdown(varying: list[str], rows: list[dict], metrics: list[str]) -> str:
+    """The table as Markdown: the varying overrides, runs, each metric column, steps and state."""
     header = [('config' if k == sweep_lib.ARG else k) for k in varying] or ['configuration']
     columns = _columns(rows, metrics)
     header += ['runs'] + [_column(m, kind) for m, kind in columns] + ['steps', 'state']
@@ -159,6 +163,7 @@ def markdown(varying: list[str], rows: list[dict], metrics: list[str]) -> str:
 
 
 def to_csv(varying: list[str], rows: list[dict], metrics: list[str]) -> str:
+    """The table as CSV, each metric column as mean and std, for plotting or spreadsheets."""
     out = io.StringIO()
     writer = csv.writer(out)
     columns = _columns(rows, metrics)
@@ -232,10 +237,7 @@ def report(sweep_dir: str, metrics: list[str], dashed: str = DEFAULT_DASHED) -> 
 
 
 def cli() -> None:
-    from absl import app, flags
-
-    from resnet_jax import cli
-
+    """`python -m resnet_jax.sweep.results <sweep_dir>`: define its flags and run `report` under resnet_jax.cli."""
     flags.DEFINE_list('metric', ['eval/top1'], 'metrics.jsonl keys to tabulate (accuracies shown as error %)')
     flags.DEFINE_string('dashed', DEFAULT_DASHED, 'configurations whose label matches this regex are dashed in '
                         'curves.png (empty: none)')
@@ -246,7 +248,7 @@ def cli() -> None:
         re.compile(flags.FLAGS.dashed)
         print(report(argv[1], flags.FLAGS.metric, flags.FLAGS.dashed), end='')
 
-    cli.run(main, errors=(ValueError, re.error))
+    cli_lib.run(main, errors=(ValueError, re.error))
 
 
 if __name__ == '__main__':
