@@ -204,6 +204,14 @@ def write_csv(directory: str, name: str, rows: list[dict]) -> str:
     return path
 
 
+def write_results(directory: str, tool: str, content, rows: list[dict], figures: list[str], title: str,
+                  lines: list[str]) -> list[str]:
+    """What every tool writes: <tool>.json (`content`), <tool>.csv (`rows`) beside its saved `figures`, and a
+    summary.md (`title`, `lines`) naming them all; the files, summary last."""
+    files = [write_json(directory, f'{tool}.json', content), write_csv(directory, f'{tool}.csv', rows), *figures]
+    return files + [write_summary(directory, title, lines, files)]
+
+
 def write_summary(directory: str, title: str, lines: list[str], files: list[str]) -> str:
     """Write <directory>/summary.md: a title, the tool's findings and the files it wrote; the path."""
     path = os.path.join(directory, 'summary.md')

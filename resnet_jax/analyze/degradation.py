@@ -59,8 +59,6 @@ def analyse(sweep_dir: str, out: str) -> list[str]:
         rows.append({'kind': e['kind'], 'depth': e['depth'], 'run': e['name'], 'state': e['state'],
                      'steps': e['train_error'][-1][0] if e['train_error'] else 0,
                      'train_error_final': final(e['train_error']), 'test_error_final': final(e['test_error'])})
-    files = [common.write_json(out, 'degradation.json', {'sweep_dir': os.path.abspath(sweep_dir), 'runs': entries}),
-             common.write_csv(out, 'degradation.csv', rows), plot(entries, out)]
     fmt = lambda v: f'{v:.2f}' if v != '' else '–'
     lines = ['Training error: the running train/top1 of the logging window, on augmented batches. Test error: at '
              'the last step (nothing is selected on the test split).', '',
@@ -68,8 +66,8 @@ def analyse(sweep_dir: str, out: str) -> list[str]:
              '|---|---|---|---|---|---|']
     lines += [f"| {r['kind']} | {r['depth']} | {r['run']} | {r['steps']} | {fmt(r['train_error_final'])} | "
               f"{fmt(r['test_error_final'])} |" for r in rows]
-    files.append(common.write_summary(out, 'Degradation (He et al. 2016, Figure 6)', lines, files))
-    return files
+    return common.write_results(out, 'degradation', {'sweep_dir': os.path.abspath(sweep_dir), 'runs': entries}, rows,
+                                [plot(entries, out)], 'Degradation (He et al. 2016, Figure 6)', lines)
 
 
 def plot(entries, out: str) -> str:

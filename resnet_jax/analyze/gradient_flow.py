@@ -64,8 +64,6 @@ def analyse(subjects, options: common.Options, out: str) -> list[str]:
                              'stream_grad_norm': float(stream[i]),
                              'weight_grad_norm': float(weights[i - 1]) if i else ''})
         results.append({'label': subject.label, 'kind': subject.kind, 'blocks': model.block_names, 'states': states})
-    files = [common.write_json(out, 'gradient_flow.json', {'bn': options.bn, 'examples': len(x), 'subjects': results}),
-             common.write_csv(out, 'gradient_flow.csv', rows), plot(results, out, options.bn)]
     lines = [f'Batch of {len(x)} examples from the {options.split} split, BatchNorm in {options.bn} mode.', '',
              '| subject | step | loss | dL/dh_0 | dL/dh_L | ratio h_0 / h_L |', '|---|---|---|---|---|---|']
     for r in results:
@@ -73,8 +71,8 @@ def analyse(subjects, options: common.Options, out: str) -> list[str]:
             g = s['stream_grad_norm']
             lines.append(f"| {r['label']} ({r['kind']}) | {s['step']} | {s['loss']:.4f} | {g[0]:.3g} | {g[-1]:.3g} | "
                          f'{g[0] / g[-1]:.3g} |')
-    files.append(common.write_summary(out, 'Gradient flow', lines, files))
-    return files
+    return common.write_results(out, 'gradient_flow', {'bn': options.bn, 'examples': len(x), 'subjects': results},
+                                rows, [plot(results, out, options.bn)], 'Gradient flow', lines)
 
 
 def plot(results, out: str, bn: str) -> str:

@@ -102,8 +102,6 @@ def analyse(subjects, options: common.Options, out: str) -> list[str]:
                  for (a, b), l, acc in zip(grid.tolist(), grid_loss.tolist(), grid_acc.tolist())]
     content = {'examples': len(x), 'split': options.split, 'axis': axis.tolist(), 'seed': options.seed,
                'bn': 'eval mode, trained running statistics', 'subjects': results}
-    files = [common.write_json(out, 'landscape.json', content), common.write_csv(out, 'landscape.csv', rows),
-             *plot(results, axis, out)]
     lines = [f'{len(x)} examples of the {options.split} split, no augmentation, BatchNorm with the trained '
              f'statistics; {options.grid}x{options.grid} grid over [-{options.span}, {options.span}]^2 of two '
              f'filter-normalised directions (seed {options.seed}).', '',
@@ -116,8 +114,7 @@ def analyse(subjects, options: common.Options, out: str) -> list[str]:
                      f"{100 * (1 - r['centre']['accuracy']):.2f} | {corners:.3f} | {100 * r['nonconvex_fraction']:.0f}% |")
     lines.append('\nNon-convex points: interior grid points where the finite-difference Hessian has a negative '
                  'eigenvalue.')
-    files.append(common.write_summary(out, 'Loss landscape', lines, files))
-    return files
+    return common.write_results(out, 'landscape', content, rows, plot(results, axis, out), 'Loss landscape', lines)
 
 
 def plot(results, axis, out: str) -> list[str]:

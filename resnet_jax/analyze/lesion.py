@@ -74,9 +74,6 @@ def analyse(subjects, options: common.Options, out: str) -> list[str]:
                         'deletable': deletable,
                         'kept_in_place': [n for i, n in enumerate(model.block_names) if i not in deletable],
                         'baseline': {'loss': base_loss, 'accuracy': base_acc}, 'single': single, 'random': by_k})
-    files = [common.write_json(out, 'lesion.json', {'examples': len(x), 'split': options.split, 'draws': options.draws,
-                                                    'subjects': results}),
-             common.write_csv(out, 'lesion.csv', rows), plot(results, out)]
     lines = [f'{len(x)} examples of the {options.split} split, eval mode. A residual block is deleted by zeroing '
              'its branch (shortcut kept); a plain block by replacing it with the identity, which only '
              'shape-keeping blocks allow.', '',
@@ -86,8 +83,8 @@ def analyse(subjects, options: common.Options, out: str) -> list[str]:
         errors = [100 * (1 - s['accuracy']) for s in r['single']]
         lines.append(f"| {r['label']} ({r['kind']}) | {100 * (1 - r['baseline']['accuracy']):.2f} | "
                      f"{np.mean(errors):.2f}, {max(errors):.2f} | {', '.join(r['kept_in_place']) or 'none'} |")
-    files.append(common.write_summary(out, 'Block lesions', lines, files))
-    return files
+    content = {'examples': len(x), 'split': options.split, 'draws': options.draws, 'subjects': results}
+    return common.write_results(out, 'lesion', content, rows, [plot(results, out)], 'Block lesions', lines)
 
 
 def plot(results, out: str) -> str:

@@ -83,9 +83,6 @@ def analyse(subjects, options: common.Options, out: str) -> list[str]:
             rows.append({'label': subject.label, **entry})
         results.append({'label': subject.label, 'blocks': num_blocks, 'step': subject.step, 'lengths': lengths,
                         'paths_95': shortest_interval(counts, 0.95), 'gradient_90': shortest_interval(totals, 0.9)})
-    files = [common.write_json(out, 'paths.json', {'examples': len(x), 'draws': options.draws, 'subjects': results,
-                                                   'skipped_plain': skipped}),
-             common.write_csv(out, 'paths.csv', rows), plot(results, out)]
     lines = [f'Batch of {len(x)} examples from the {options.split} split, eval mode; up to {options.draws} sampled '
              'paths per length (every path where there are no more).', '']
     for r in results:
@@ -94,8 +91,8 @@ def analyse(subjects, options: common.Options, out: str) -> list[str]:
                      f"{r['gradient_90'][0]}-{r['gradient_90'][1]}.")
     if skipped:
         lines.append(f'- Not analysed (plain nets have a single path): {", ".join(skipped)}.')
-    files.append(common.write_summary(out, 'Paths (Veit et al.)', lines, files))
-    return files
+    content = {'examples': len(x), 'draws': options.draws, 'subjects': results, 'skipped_plain': skipped}
+    return common.write_results(out, 'paths', content, rows, [plot(results, out)], 'Paths (Veit et al.)', lines)
 
 
 def plot(results, out: str) -> str:

@@ -57,8 +57,6 @@ def analyse(subjects, options: common.Options, out: str) -> list[str]:
                     rows.append({'label': subject.label, 'kind': subject.kind, 'step': step, 'tensor': where,
                                  'block': name, **{q: values[q][i] for q in QUANTITIES}})
         results.append({'label': subject.label, 'kind': subject.kind, 'blocks': model.block_names, 'states': states})
-    files = [common.write_json(out, 'signal.json', {'bn': options.bn, 'examples': len(x), 'subjects': results}),
-             common.write_csv(out, 'signal.csv', rows), plot(results, out, options.bn)]
     lines = [f'Batch of {len(x)} examples from the {options.split} split, BatchNorm in {options.bn} mode.', '',
              '| subject | step | channel var of h_0 | of h_L | mean branch channel var |', '|---|---|---|---|---|']
     for r in results:
@@ -66,8 +64,8 @@ def analyse(subjects, options: common.Options, out: str) -> list[str]:
             v, b = s['stream']['channel_var'], s['branch']['channel_var']
             lines.append(f"| {r['label']} ({r['kind']}) | {s['step']} | {v[0]:.3g} | {v[-1]:.3g} | "
                          f'{sum(b) / len(b):.3g} |')
-    files.append(common.write_summary(out, 'Signal propagation', lines, files))
-    return files
+    return common.write_results(out, 'signal', {'bn': options.bn, 'examples': len(x), 'subjects': results}, rows,
+                                [plot(results, out, options.bn)], 'Signal propagation', lines)
 
 
 def plot(results, out: str, bn: str) -> str:
