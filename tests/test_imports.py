@@ -253,8 +253,8 @@ def test_no_imports_inside_functions():
         for node, name, targets in _imports(module, tree):
             if name.split('.')[0] not in LAZY and _in_function(node, parents):
                 name = ', '.join(targets) or name
-                problems.append(f'{_where(module, node)}: {name} is imported inside a function (import it at the top '
-                                'of the module; only optional or heavy dependencies stay lazy: '
+                problems.append(f'{_where(module, node)}: {module} imports {name} inside a function (import it at '
+                                'the top of the module; only optional or heavy dependencies stay lazy: '
                                 f'{", ".join(LAZY)})')
     assert not problems, _report(problems, 'imports inside functions')
 
