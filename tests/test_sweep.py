@@ -275,6 +275,7 @@ def test_local_launcher_shares_a_gpu_by_memory_fraction(tmp_path, capsys):
     assert 'CUDA_VISIBLE_DEVICES=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 ' in capsys.readouterr().out
 
 
+@pytest.mark.system
 def test_local_launcher_passes_sigterm_on(tmp_path, capsys):
     """SIGTERM to the launcher reaches every running run (which saves and exits 75); the runs not yet
     started are not started, and all of them count as unfinished."""
