@@ -318,6 +318,7 @@ def sweep_options(spec, sweep_dir, **kw):
     return launch_options(config=spec, sweep_dir=str(sweep_dir), launcher='local', only=None, check_data=True, **kw)
 
 
+@pytest.mark.slow
 def test_tiny_sweep_launch_skip_resume_and_table(tmp_path, monkeypatch, capsys):
     """The command line launches 3 tiny runs (2 seeds of ResNet-8, 1 plain-8) with the local launcher;
     launching again (in this process) skips the finished runs and resumes one that lost its last
