@@ -189,6 +189,7 @@ def device_fed_training(devices) -> dict:
             'kernel_spec': str(kernel.sharding.spec), 'step': int(state.step)}
 
 
+@pytest.mark.slow
 def test_each_device_draws_from_its_own_shard_on_8_devices():
     # LLVM -O0 as in test_multihost: compiling the model's init takes a tenth of the time, and both
     # sides of the training comparison get the same flags.
