@@ -33,7 +33,7 @@ below); the paper does not say whether its final nets trained on 45k or on all 5
 before or after subtracting the mean, nor the input scale (here [0, 1] minus the mean);
 one device replaces 2 GPUs (the BN groups reproduce their statistics); seeds and cuDNN
 nondeterminism differ; running statistics average the two groups instead of keeping one GPU's.
-Expected test error (REFERENCE_NUMBERS.md): 8.75 / 7.51 / 7.17 / 6.97 / 6.43 % for
+Expected test error (docs/reference_numbers.md): 8.75 / 7.51 / 7.17 / 6.97 / 6.43 % for
 ResNet-20/32/44/56/110 on the original CIFAR-10 (6.61 ± 0.16 mean of 5 for ResNet-110); the
 JPEG copy in ../shared/data is lossy, so expect somewhat higher errors there. Plain nets get
 worse with depth in training and test error (plain-56 worse than plain-20; plain-110 above 60%).

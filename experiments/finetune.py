@@ -20,7 +20,7 @@ and a 500-step warm-up, weight decay 1e-4 not applied to norms and biases, 10 ep
 The probe trains the head with lr 0.1 for 40 epochs of features, without weight decay.
 
 Hardware: one GPU (H100: the forward and backward pass of ResNet-50 at 224 runs at about 5,600
-images/s in bf16, see the README's Performance section, so 10 epochs take roughly 3 minutes of
+images/s in bf16, see docs/performance.md, so 10 epochs take roughly 3 minutes of
 compute after the one-time decode; the probe's single feature pass over 60,000 images about 15 s).
 Expected (published figures for ResNet-50 ImageNet -> CIFAR-10, Kornblith et al. 2019, "Do Better
 ImageNet Models Transfer Better?"): fine-tuned about 97% top-1; a linear probe on the penultimate

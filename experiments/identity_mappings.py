@@ -19,7 +19,7 @@ all 50k training images, BatchNorm over each GPU's 64 (2 GPUs), lr 0.01 for the 
 iterations on every net. Deviations that remain: the JPEG copy of CIFAR-10; one device replaces
 2 GPUs (the BN groups reproduce their statistics, running statistics average them); seeds.
 
-Table 1 sweep, eleven rows on ResNet-110 (expected test error %, REFERENCE_NUMBERS.md; "fail" =
+Table 1 sweep, eleven rows on ResNet-110 (expected test error %, docs/reference_numbers.md; "fail" =
 above 20%): original 6.61; constant scaling shortcut 0 / branch 1 fail, 0.5 / 1 fail,
 0.5 / 0.5 12.35; exclusive gating with gate bias init 0 fail, -6 8.70, -7 9.81; shortcut-only
 gating at 0 12.86, at -6 6.91; 1x1 conv shortcut 12.22; dropout 0.5 on the shortcut fail.

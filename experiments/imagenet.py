@@ -15,7 +15,7 @@ bias is decayed), BatchNorm statistics over groups of 32 images as on each of th
 (model.head_init_std), zero-init of the last BN scale of every residual branch
 (branch_init='zero_gamma'), Inception-style random-resized crops and flips at 224, a 224
 centre crop of the image resized to 256 for evaluation, bfloat16 compute. Data: TFDS
-'imagenet2012' prepared as ArrayRecord (README, "Preparing TFDS datasets"), read by the
+'imagenet2012' prepared as ArrayRecord (docs/data.md, "Preparing TFDS datasets"), read by the
 `stream` feed with Grain workers.
 
 The argument is 'model,hardware=NAME'. The hardware fixes the global batch (and so the lr):
@@ -29,7 +29,7 @@ from TFDS's JPEGs with PIL (bilinear, antialiased resize) instead of Caffe2's Op
 global batch follows the hardware profile (the paper: 256 to 8k on 8 to 256 GPUs); running
 statistics average the groups instead of keeping one GPU's; seeds differ.
 
-Expected top-1 error % (REFERENCE_NUMBERS.md): ResNet-50 23.60 at batch 256 and 23.74 at
+Expected top-1 error % (docs/reference_numbers.md): ResNet-50 23.60 at batch 256 and 23.74 at
 8k (Goyal et al.); torchvision's V1 weights, trained with a similar 90-epoch recipe, reach
 30.24 / 26.69 / 23.87 / 22.63 / 21.69 for ResNet-18/34/50/101/152 (single 224 crop).
 Time (projected, not measured): 90 epochs are 115M images. An H100 trains ResNet-50 at 5,600

@@ -10,7 +10,7 @@ Protocol: He et al.'s CIFAR schedule (experiments/cifar10.py: batch 128, lr 0.1 
 48k iterations, 64k iterations, wd 1e-4, pad-4 crop and flip) with lr 0.01 for the first 400
 iterations, full pre-activation bottleneck units (BN-ReLU-conv) and projection shortcuts.
 CIFAR-10 is the JPEG folder (/tmp/cifar10); CIFAR-100 is TFDS 'cifar100' prepared as
-ArrayRecord (README, "Preparing TFDS datasets"). The sweep is {164, 1001} x {CIFAR-10,
+ArrayRecord (docs/data.md, "Preparing TFDS datasets"). The sweep is {164, 1001} x {CIFAR-10,
 CIFAR-100}, over ',seeds=N' seeds.
 
 Like identity_mappings.py it follows the authors' fb.resnet.torch code where the paper is silent:
@@ -19,7 +19,7 @@ images, BatchNorm over each GPU's 64 of 128. Deviations that remain: the JPEG co
 CIFAR-10; one device replaces 2 GPUs (BN groups reproduce their statistics, running statistics
 average them); seeds.
 
-Expected test error % (REFERENCE_NUMBERS.md): ResNet-164 pre-act 5.46 (CIFAR-10) / 24.33
+Expected test error % (docs/reference_numbers.md): ResNet-164 pre-act 5.46 (CIFAR-10) / 24.33
 (CIFAR-100); ResNet-1001 pre-act (10.2M parameters) 4.92 / 22.71.
 Hardware: one GPU per run; ResNet-1001 is deep (333 blocks) but small, so add
 --config.model.remat=true if memory is short. Time on one H100 (projected from the measured

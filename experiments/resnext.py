@@ -16,7 +16,7 @@ CIFAR-100}, over ',seeds=N' seeds (the paper reports the mean of 10).
 Deviations that remain: the JPEG copy of CIFAR-10; one device replaces 8 GPUs (the BN groups
 reproduce their statistics, running statistics average them); seeds (the paper: mean of 10).
 
-Expected test error % (REFERENCE_NUMBERS.md, CIFAR-10 / CIFAR-100): ResNeXt-29 8x64d (34.4M)
+Expected test error % (docs/reference_numbers.md, CIFAR-10 / CIFAR-100): ResNeXt-29 8x64d (34.4M)
 3.65 / 17.77; 16x64d (68.1M) 3.58 / 17.31.
 Hardware: the paper used 8 GPUs; one H100 holds batch 128 of either net. Time (projected, not
 measured: 6 x MACs x 15M images at about 100 TFLOP/s in float32): 8x64d (5.4 GMACs) about 1.5 h,

@@ -18,7 +18,7 @@ over ',seeds=N' seeds (the paper reports the median of 5).
 Deviations that remain: the JPEG copy of CIFAR-10; the paper does not say over how many GPUs
 BatchNorm split the batch (one BN over 128 here); seeds.
 
-Expected test error % (REFERENCE_NUMBERS.md, CIFAR-10 / CIFAR-100): WRN-40-4 (8.9M) 4.53 /
+Expected test error % (docs/reference_numbers.md, CIFAR-10 / CIFAR-100): WRN-40-4 (8.9M) 4.53 /
 21.18; WRN-16-8 (11.0M) 4.27 / 20.43; WRN-28-10 (36.5M) 4.00 / 19.25; WRN-28-10 with dropout
 3.89 / 18.85.
 Hardware: one GPU per run; --config.model.dtype=bfloat16 roughly halves the time on

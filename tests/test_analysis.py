@@ -33,6 +33,7 @@ def init(model, x, seed=0):
 
 # --- properties ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_filter_normalised_direction_has_each_filters_norm_and_zero_rank1_entries():
     x = images((2, 8, 8, 3))
     model = tiny(skip='exclusive_gate', se_ratio=0.5)  # gates and SE add biased convs; the head a biased dense
@@ -51,6 +52,7 @@ def test_filter_normalised_direction_has_each_filters_norm_and_zero_rank1_entrie
             assert not np.allclose(v, w)  # a random direction, not the weights
 
 
+@pytest.mark.slow
 def test_landscape_points_equal_the_models_loss_at_the_moved_weights():
     x = images((10, 8, 8, 3))
     y = np.arange(10) % 10
@@ -68,6 +70,7 @@ def test_landscape_points_equal_the_models_loss_at_the_moved_weights():
     assert loss[1] != loss[0]
 
 
+@pytest.mark.slow
 def test_deep_plain_nets_first_block_gradient_is_orders_of_magnitude_below_its_residual_twins():
     """The product of branch Jacobians (no normalisation, He init) against the same product with the identity."""
     x, y = images((16, 8, 8, 3)), jnp.arange(16) % 10
@@ -80,6 +83,7 @@ def test_deep_plain_nets_first_block_gradient_is_orders_of_magnitude_below_its_r
     assert first['identity'] / first['none'] > 1e3, first
 
 
+@pytest.mark.slow
 def test_deleting_a_zero_initialised_branch_leaves_the_output_unchanged():
     x = images((2, 8, 8, 3))
     zero = tiny(branch_init='zero_gamma')
@@ -152,6 +156,7 @@ def final_eval(workdir):
     return [r for r in records if 'eval/top1' in r][-1]
 
 
+@pytest.mark.slow
 def test_every_tool_runs_from_the_command_line(sweep):
     resnet, plain = sweep / 'resnet', sweep / 'plain'
     result = analyze('all,degradation', f'--workdir={resnet}', f'--compare={plain}', f'--sweep_dir={sweep}',
@@ -209,6 +214,7 @@ def test_every_tool_runs_from_the_command_line(sweep):
     assert (degradation / 'degradation.png').stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_bad_arguments_fail_before_any_work(sweep, tmp_path):
     from resnet_jax import analyze as cli
     from resnet_jax.train.config import from_file

@@ -126,6 +126,7 @@ def test_dilated_features_subsampled_equal_the_strided_features(name, overrides,
     assert r == base.output_strides[0] // base.output_strides[-1]
 
 
+@pytest.mark.slow
 def test_dilated_resnet50_equals_torchvisions_replace_stride_with_dilation():
     """DeepLab's output stride 8: layers 3 and 4 dilated by 2 and 4, their first blocks at 1 and 2."""
     output_stride = 8

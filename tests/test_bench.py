@@ -24,6 +24,7 @@ def bench(tmp_path, *flags):
     return result.stdout, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_same_first_loss_as_pytorch_and_consistent_columns(tmp_path):
     stdout, (row,) = bench(tmp_path, '--batch_size=8', '--vs_torch', '--torch_compile=false', '--peak_tflops=1')
     torch = row['torch_eager']
@@ -43,6 +44,7 @@ def test_same_first_loss_as_pytorch_and_consistent_columns(tmp_path):
     assert lines[-3].startswith('| model | batch | dtype | source |') and lines[-1].startswith('| resnet20 | 8 |')
 
 
+@pytest.mark.slow
 def test_every_source(tmp_path):
     _, rows = bench(tmp_path, '--batch_size=16', '--source=synthetic,device,host', '--num_examples=64')
     assert [r['source'] for r in rows] == ['synthetic', 'device', 'host']
@@ -50,6 +52,7 @@ def test_every_source(tmp_path):
     assert rows[1]['tflop_per_step_per_device'] == rows[0]['tflop_per_step_per_device']
 
 
+@pytest.mark.slow
 def test_largest_batch_brackets_the_memory_limit(tmp_path):
     stdout, (row,) = bench(tmp_path, '--max_batch', '--memory_limit_gib=0.15')
     assert row['max_batch'] > 0 and row['max_batch'] % 32 == 0

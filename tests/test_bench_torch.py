@@ -150,6 +150,7 @@ def _eager_result() -> tuple[torch.nn.Module, dict]:
     return model, _measure(model)
 
 
+@pytest.mark.slow
 def test_measure_reports_sane_numbers_and_leaves_the_model_alone():
     model, result = _eager_result()
     assert set(result) == KEYS
@@ -179,6 +180,7 @@ def test_measure_bfloat16_autocast_changes_the_loss_only_by_rounding():
     assert 0 < abs(bf16['first_loss'] - float32['first_loss']) < 0.02 * float32['first_loss']
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which('g++') is None, reason="torch.compile's CPU backend needs a C++ compiler")
 def test_measure_compiled_matches_eager():
     model, eager = _eager_result()

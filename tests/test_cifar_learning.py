@@ -10,10 +10,13 @@ TFDS's cifar10.
 
 from pathlib import Path
 
+import pytest
 from helpers import cifar10_jpeg
 
 from resnet_jax.train.config import from_file
 from resnet_jax.train.loop import train_and_evaluate
+
+pytestmark = pytest.mark.slow
 
 THRESHOLD = 0.45
 

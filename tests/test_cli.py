@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # 21 commands as subprocesses, each importing JAX
+
 ROOT = Path(__file__).parents[1]
 QUICKSTART = 'experiments/quickstart.py'
 TYPO = "error: --config.optim.lrr: config.optim has no field 'lrr'. Did you mean: lr?"

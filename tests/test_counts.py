@@ -10,7 +10,7 @@ import pytest
 from resnet_jax.models import PRESETS, get_model, native_resolution, param_count
 from resnet_jax.models.summary import count_macs, input_shape, table
 
-# torchvision V1 weights (REFERENCE_NUMBERS.md): parameters and GMACs at 224x224.
+# torchvision V1 weights (docs/reference_numbers.md): parameters and GMACs at 224x224.
 TORCHVISION = {
     'resnet18': (11_689_512, 1.814),
     'resnet34': (21_797_672, 3.664),
@@ -180,8 +180,8 @@ def test_wrn_dropout_and_drop_path_add_no_parameters():
 
 
 def test_readme_preset_table_is_generated_from_the_registry():
-    readme = (Path(__file__).parents[1] / 'README.md').read_text()
+    readme = (Path(__file__).parents[1] / 'docs' / 'models.md').read_text()
     block = re.search(r'<!-- presets:begin -->\n(.*?)\n<!-- presets:end -->', readme, re.S)
-    assert block, 'README.md lost its preset table markers'
+    assert block, 'docs/models.md lost its preset table markers'
     assert block[1].strip() == table(list(PRESETS)).strip(), (
-        'README preset table is stale: regenerate it with python -m resnet_jax.models')
+        'docs/models.md preset table is stale: regenerate it with python -m resnet_jax.models')

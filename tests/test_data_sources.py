@@ -18,6 +18,7 @@ def folder_config(root, **overrides):
     return tiny_config(**{'data.dataset': f'folder:{root}', 'data.image_size': 32, **overrides})
 
 
+@pytest.mark.slow
 def test_cifar10_jpeg_folder_has_the_published_splits():
     """Decoded in full: 50,000 training and 10,000 test images of 32x32, 10 sorted classes, balanced."""
     config = folder_config(cifar10_jpeg())

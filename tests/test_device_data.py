@@ -189,6 +189,7 @@ def device_fed_training(devices) -> dict:
             'kernel_spec': str(kernel.sharding.spec), 'step': int(state.step)}
 
 
+@pytest.mark.slow
 def test_each_device_draws_from_its_own_shard_on_8_devices():
     # LLVM -O0 as in test_multihost: compiling the model's init takes a tenth of the time, and both
     # sides of the training comparison get the same flags.
@@ -282,6 +283,7 @@ def leaves(state):
     return jax.tree_util.tree_leaves(jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}))
 
 
+@pytest.mark.slow
 def test_resumed_device_fed_run_matches_an_uninterrupted_one(tmp_path):
     stopped, whole = str(tmp_path / 'stopped'), str(tmp_path / 'whole')
     train_and_evaluate(resume_config(4), stopped)  # stops after the checkpoint at step 4
@@ -309,6 +311,7 @@ def test_resumed_device_fed_run_matches_an_uninterrupted_one(tmp_path):
         assert same == should_match, f'replay numbered from step {first_step}'
 
 
+@pytest.mark.slow
 def test_device_fed_training_learns_shapes(tmp_path):
     # 150 steps of 32 on 16x16 'shapes' without augmentation (padding by 4 would crop most of a
     # small image away). Measured on a 2-core CPU: eval/top1 0.54 on the 300 test images (0.44

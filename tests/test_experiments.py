@@ -1,6 +1,6 @@
 """Every experiment file: its default config, every command in its docstring and every sweep it
 defines are loaded, validated with the project's checks against the real dataset sizes, and
-their models built; parameter counts of a few against the README's preset table."""
+their models built; parameter counts of a few against the preset table in docs/models.md."""
 
 import re
 import shlex
@@ -93,7 +93,7 @@ def count(name: str, overrides: dict, size: int = 32) -> int:
 
 
 def test_sweeps_build_the_published_models():
-    """Parameter counts from the README's preset table; the Table 1 variants change exactly what
+    """Parameter counts from the preset table in docs/models.md; the Table 1 variants change exactly what
     their definition says (a 1x1 conv or a gate on every shortcut adds parameters, scaling none)."""
     table6 = sweep_models('experiments/cifar10.py')
     assert sorted(name for name, _ in table6.values()) == sorted(f'{f}{d}' for f in ('plain', 'resnet')

@@ -60,6 +60,7 @@ def test_evaluate_reads_an_older_kept_checkpoint(trained):
     assert missing.returncode != 0 and 'has no checkpoint at step 5; it has [4, 8]' in missing.stderr
 
 
+@pytest.mark.slow
 def test_warm_start_from_a_run_with_another_class_count(trained, tmp_path):
     """Shapes (10 classes) -> synthetic data with 7 classes and init_head='replace': every weight but the
     head comes over; without the option the head's shapes are refused."""

@@ -48,6 +48,7 @@ def assert_same_state(a: dict, b: dict):
         np.testing.assert_array_equal(a[path], b[path], err_msg=path)
 
 
+@pytest.mark.system
 def test_sigkill_at_random_moments_then_restart_ends_bit_identical(processes, tmp_path):
     """Killed 4 times (seeded random moments after training starts, with a checkpoint every
     step, so several kills land in an asynchronous save) and restarted each time: the final
@@ -80,6 +81,7 @@ def test_sigkill_at_random_moments_then_restart_ends_bit_identical(processes, tm
     assert a['step'] == b['step'] == steps and a == b
 
 
+@pytest.mark.system
 def test_sigterm_saves_the_step_reached_and_the_restart_continues(processes, tmp_path):
     args = [*TINY, '--config.num_steps=100000', '--config.eval_every_steps=100000',
             '--config.checkpoint_every_steps=100000', f'--workdir={tmp_path}', '--nodistributed']
@@ -99,6 +101,8 @@ def test_sigterm_saves_the_step_reached_and_the_restart_continues(processes, tmp
     assert run_starts(tmp_path) == [0, saved[0]]
 
 
+@pytest.mark.system
+@pytest.mark.multiprocess
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(processes, tmp_path):
     """JAX's preemption notifier and Orbax's sync point: both processes save the same step and exit 75."""
     long = ['--config.num_steps=100000', '--config.eval_every_steps=100000', '--config.checkpoint_every_steps=100000']
@@ -205,6 +209,7 @@ def test_a_nonfinite_loss_stops_or_is_skipped_and_counted(tmp_path):
     assert_same_state(jax.device_get(final.params), jax.device_get(initial.params))
 
 
+@pytest.mark.system
 def test_sigterm_to_the_process_group_of_a_streamed_run(tmp_path):
     """A scheduler signals the whole process group, Grain workers included: the run still saves
     and exits 75, and no worker outlives it."""

@@ -24,6 +24,8 @@ import pytest
 
 from resnet_jax.checkpoint import read_numpy
 
+pytestmark = pytest.mark.multiprocess
+
 ROOT = Path(__file__).parents[1]
 # A ResNet-8 of width 8 on 8x8 images: each process compiles it in seconds.
 TINY = ['--config=experiments/quickstart.py', '--config.model.stage_sizes=(1,1,1)',

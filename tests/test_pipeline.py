@@ -63,6 +63,7 @@ def test_a_state_from_another_data_order_is_refused(datasets):
         other.set_state(state)
 
 
+@pytest.mark.slow
 def test_stream_order_does_not_depend_on_workers_or_processes(datasets):
     """Batches with 2 Grain worker processes equal those made in-process, and two processes'
     slices put side by side are the global batch (augmentation draws follow the global position)."""
@@ -101,6 +102,7 @@ def test_evaluation_reads_every_example_once(datasets, feed):
     assert [int(label) for label, mask in by_position if mask] == expected
 
 
+@pytest.mark.slow
 def test_streamed_training_end_to_end(datasets, tmp_path):
     """The command line on the TFDS dataset: Grain worker processes, Inception crops, mixup and
     CutMix; the run finishes, evaluates every test record and logs a finite loss."""

@@ -83,6 +83,7 @@ def finish(proc: subprocess.Popen, log: Path, cluster) -> str:
     return log.read_text(errors='replace')
 
 
+@pytest.mark.system
 def test_a_sweep_runs_as_one_job_array_and_gives_the_results_table(cluster, tmp_path):
     config = tmp_path / 'tiny_sweep.py'
     config.write_text(SWEEP_FILE.format(quickstart=str(ROOT / 'experiments' / 'quickstart.py')))
@@ -115,6 +116,7 @@ def test_a_sweep_runs_as_one_job_array_and_gives_the_results_table(cluster, tmp_
     assert len(rows) == 2 and ' ± ' in rows[[r.split(' | ')[1] for r in rows].index('2')], table.stdout
 
 
+@pytest.mark.system
 def test_paths_with_spaces_and_special_characters_reach_the_job_intact(cluster, tmp_path):
     """Sweep directory, working directory and interpreter with ' ', '#' and '%': sbatch reads the quoted
     #SBATCH options (log path, job name, --chdir) and each task gets its arguments unsplit."""
@@ -140,6 +142,8 @@ def test_paths_with_spaces_and_special_characters_reach_the_job_intact(cluster, 
         assert f'arg<--workdir={run.workdir}>\n' in log and f'\n{odd / "cwd"}\n' in log, log
 
 
+@pytest.mark.system
+@pytest.mark.multiprocess
 def test_one_training_as_two_slurm_tasks_equals_one_process_with_two_devices(cluster, processes, tmp_path):
     two_tasks, reference = tmp_path / 'two_tasks', tmp_path / 'one_process'
     single = processes.start('reference', [*TINY, *SHORT, f'--workdir={reference}', '--nodistributed'], devices=2)
@@ -170,6 +174,7 @@ def test_one_training_as_two_slurm_tasks_equals_one_process_with_two_devices(clu
     assert [json.loads(x)['step'] for x in lines] == [json.loads(x)['step'] for x in read_lines(reference)]
 
 
+@pytest.mark.system
 def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, tmp_path):
     workdir, steps = tmp_path / 'run', 150
     args = ['-m', 'resnet_jax.launch.slurm', *TINY, f'--config.num_steps={steps}', f'--config.eval_every_steps={steps}',
@@ -214,6 +219,7 @@ while :; do sleep 0.1; done
 """
 
 
+@pytest.mark.system
 def test_a_signalled_array_task_requeues_itself_only(cluster, tmp_path, monkeypatch, capsys):
     """The array's own job id is also one task's id: requeueing it would requeue (and kill) every task.
     The script requeues `<array>_<task>`; the other task must run on untouched. A cancelled task is not

@@ -275,6 +275,7 @@ def test_local_launcher_shares_a_gpu_by_memory_fraction(tmp_path, capsys):
     assert 'CUDA_VISIBLE_DEVICES=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 ' in capsys.readouterr().out
 
 
+@pytest.mark.system
 def test_local_launcher_passes_sigterm_on(tmp_path, capsys):
     """SIGTERM to the launcher reaches every running run (which saves and exits 75); the runs not yet
     started are not started, and all of them count as unfinished."""
@@ -317,6 +318,7 @@ def sweep_options(spec, sweep_dir, **kw):
     return launch_options(config=spec, sweep_dir=str(sweep_dir), launcher='local', only=None, check_data=True, **kw)
 
 
+@pytest.mark.slow
 def test_tiny_sweep_launch_skip_resume_and_table(tmp_path, monkeypatch, capsys):
     """The command line launches 3 tiny runs (2 seeds of ResNet-8, 1 plain-8) with the local launcher;
     launching again (in this process) skips the finished runs and resumes one that lost its last

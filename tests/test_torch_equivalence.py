@@ -67,6 +67,7 @@ def _assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize('name', MODELS)
+@pytest.mark.slow
 def test_logits_match_torch_odd_size(name):
     x = _input(65)
     ref = _torch_logits(name, x)

@@ -95,6 +95,7 @@ def test_ema_and_bfloat16_training(tmp_path):
     assert records[0]['perf/compile_seconds'] > 0 and records[0]['perf/flops_per_step_per_device'] > 0
 
 
+@pytest.mark.slow
 def test_quickstart_command_from_the_readme(tmp_path):
     readme = (ROOT / 'README.md').read_text()
     command = 'python -m resnet_jax.train --config=experiments/quickstart.py --workdir=/tmp/quickstart'

@@ -191,6 +191,7 @@ def small_cifar(root, train_per_class=300, test_per_class=100):
     return root
 
 
+@pytest.mark.slow
 def test_linear_probe_of_a_trained_network_beats_one_of_a_random_network(tmp_path):
     """ResNet-8 (widths 8/16/32) trained for 150 steps on 3,000 CIFAR-10 JPEGs at 16x16, then probed
     from the command line against the same probe on a random network, on 1,000 test images.

@@ -44,6 +44,7 @@ def wait_for(condition, proc, timeout=RUN_TIMEOUT):
 
 # ----------------------------------------------------------------------------------------------- lock
 
+@pytest.mark.system
 def test_a_second_process_is_refused_naming_the_holder_and_a_dead_holders_lock_is_taken_over(
         processes, tmp_path, caplog):
     run = tmp_path / 'run'
@@ -186,6 +187,7 @@ def test_garbage_or_missing_config_json_and_bad_metrics_lines(trained, caplog):
 
 # ------------------------------------------------------------------------------------------- signals
 
+@pytest.mark.system
 def test_a_stop_signal_at_any_moment_exits_75(tmp_path):
     """SIGTERM or SIGUSR1 at seeded random moments from the process's start (while the libraries
     load, the data is read, the step compiles, or training runs): always exit 75; a checkpoint is
@@ -217,6 +219,7 @@ def test_a_stop_signal_at_any_moment_exits_75(tmp_path):
             assert workdir.saved_steps(str(run))[-1] > 0 and f'stopped by {sig.name} after step' in out
 
 
+@pytest.mark.system
 def test_ctrl_c_once_stops_after_saving(tmp_path):
     proc = subprocess.Popen([sys.executable, '-m', 'resnet_jax.train', *TINY, *LONG, f'--workdir={tmp_path}',
                              '--nodistributed'], cwd=ROOT, env=cli_env(1), stdout=subprocess.PIPE,
@@ -260,6 +263,7 @@ def test_a_second_ctrl_c_aborts_and_a_stop_before_training_raises_stopped():
 
 # ---------------------------------------------------------------------------- workers and read-only
 
+@pytest.mark.system
 def test_grain_workers_end_with_a_sigkilled_trainer(tmp_path):
     proc = subprocess.Popen([sys.executable, '-m', 'resnet_jax.train', *TINY, *LONG, '--config.data.feed=stream',
                              '--config.data.workers=2', f'--workdir={tmp_path}', '--nodistributed'], cwd=ROOT,
@@ -278,6 +282,7 @@ def test_grain_workers_end_with_a_sigkilled_trainer(tmp_path):
             proc.kill()
 
 
+@pytest.mark.system
 def test_evaluate_on_a_read_only_workdir_prints_and_says_it_could_not_record(trained):
     if shutil.which('unshare') is None or subprocess.run(['unshare', '-m', 'true']).returncode != 0:
         pytest.skip('needs unshare -m (a private mount namespace) for a read-only bind mount')
@@ -293,6 +298,7 @@ def test_evaluate_on_a_read_only_workdir_prints_and_says_it_could_not_record(tra
     assert (run / workdir.METRICS_FILE).read_text() == before
 
 
+@pytest.mark.system
 def test_a_full_disk_stops_with_an_error_and_the_run_resumes_once_there_is_space(tmp_path):
     """A 600 kB tmpfs (private mount namespace) fills up during the second checkpoint."""
     if shutil.which('unshare') is None or subprocess.run(['unshare', '-m', 'true']).returncode != 0:

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The benchmark commands behind the README's Performance table, as run on the lent GPU machine
+# The benchmark commands behind the Performance tables of docs/performance.md, as run on the lent GPU machine
 # (no network there: carried wheels go to /tmp/site). Usage: experiments/perf/device_run.sh STAGE
 # Output (logs, JSON) goes to $OUT, or ./perf_out when OUT is unset.
 set -o pipefail
@@ -27,7 +27,7 @@ case $1 in
     XLA_FLAGS= bench r56_f32 --model=resnet56 --batch_size=128 --source=device --dtype=float32 --steps=200 --window=20
     XLA_FLAGS=--xla_gpu_enable_command_buffer= bench r56_nocb --model=resnet56 --batch_size=128 --source=device --steps=200 --window=20
     XLA_FLAGS=--xla_gpu_graph_min_graph_size=1 bench r56_mingraph --model=resnet56 --batch_size=128 --source=device --steps=200 --window=20 ;;
-  table)  # the README's Performance rows
+  table)  # the rows of docs/performance.md
     XLA_FLAGS=--xla_gpu_graph_min_graph_size=1 bench cifar_f32 --model=resnet20,resnet56 --batch_size=128,1024 --dtype=float32 --source=device --steps=200 --window=20
     bench resnet50_vs_torch --model=resnet50 --batch_size=256 --dtype=bfloat16 --vs_torch --steps=60 ;;
   maxbatch)

@@ -1,6 +1,6 @@
 """python -m resnet_jax.analyze <tool>[,<tool>...] --workdir=<run> [--compare=<run>] [options]
 
-Tools (DESIGN.md section 1, one module each under resnet_jax/analyze/):
+Tools (docs/design.md section 1, one module each under resnet_jax/analyze/):
     gradient-flow  per-block norms of dL/dh_l and of the weight gradients, at init and at each checkpoint
     signal         per-block mean and variance of the residual stream and of each branch
     lesion         error with each block deleted, and with k random blocks deleted (Veit et al.)

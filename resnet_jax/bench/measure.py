@@ -251,7 +251,7 @@ def _fmt(value, spec: str = '.0f') -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """The rows as a Markdown table (the README's Performance table has these columns)."""
+    """The rows as a Markdown table (the tables in docs/performance.md have these columns)."""
     if rows and 'max_batch' in rows[0]:
         head = '| model | dtype | remat | image | device | largest batch | memory GiB (limit) | img/s at it | compiles |'
         lines = [head, '|' + '---|' * (head.count('|') - 1)]

@@ -1,7 +1,7 @@
 """The skip-connection design space as one frozen value, checked when it is built.
 
 Every residual block of a network is assembled from the choices held in a `BlockDesign`
-(DESIGN.md, principle 4). Keeping them in one hashable dataclass lets the `ResNet` module
+(docs/design.md, principle 4). Keeping them in one hashable dataclass lets the `ResNet` module
 pass them to its blocks unchanged and lets the registry route command-line overrides to
 the right place. Invalid values fail here, before any tracing or compilation.
 """

@@ -1,4 +1,4 @@
-"""Parameter and multiply-accumulate counts of the presets, as the README's table.
+"""Parameter and multiply-accumulate counts of the presets, as the table in docs/models.md.
 
     python -m resnet_jax.models            # Markdown table of every preset, by family
     python -m resnet_jax.models resnet50   # only the named presets

@@ -119,7 +119,7 @@ def timm_name(model: ResNet) -> str | None:
 
 
 def timm_table() -> str:
-    """TIMM_MODELS as the README's Markdown table."""
+    """TIMM_MODELS as the Markdown table in docs/transfer.md."""
     rows = ['| timm model | preset | overrides |', '|---|---|---|']
     for name, (preset, fields) in TIMM_MODELS.items():
         text = ', '.join(f'{k}={round(v, 4) if isinstance(v, float) else v}' for k, v in fields.items())
