@@ -159,8 +159,16 @@ class Population:
         self._init = jax.jit(jax.vmap(init), in_shardings=member, out_shardings=member)
         shardings = dict(in_shardings=(member, self.batch_sharding, member, member), out_shardings=member,
                          donate_argnums=0)
-        self.train_step = jax.jit(jax.vmap(member_step), **shardings)
-        self.loop_step = jax.jit(_looped(member_step, self.size), **shardings)
+        local = self.size // self.mesh.shape['member']  # members per member shard
+        self.train_step = jax.jit(self._per_shard(jax.vmap(member_step)), **shardings)
+        self.loop_step = jax.jit(self._per_shard(_looped(member_step, local)), **shardings)
+
+    def _per_shard(self, fn):
+        """fn on each member shard's own members (manual over 'member', automatic over 'data'): left to
+        itself, the compiler splits the grouped convolutions of a vmapped backward pass across the member
+        axis and gathers their inputs; this way no member's data leaves its devices."""
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=P('member'), out_specs=P('member'),
+                             axis_names={'member'}, check_vma=False)
 
     @property
     def seeds(self) -> jax.Array:
