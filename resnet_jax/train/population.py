@@ -42,37 +42,36 @@ MEMBER_CONFIG_FIELDS = ('seed',) + tuple(f'optim.{f}' for f in MEMBER_OPTIM_FIEL
 AXES = ('member', 'data')
 
 
-def _differs(field: str, values: list, why: str) -> None:
-    first = next(i for i, v in enumerate(values) if v != values[0])
-    refuse(field, f'differs between the members of a population ({values[0]!r} in member 0, {values[first]!r} in '
-                  f'member {first}); {why}. Members may differ only in: {", ".join(MEMBER_CONFIG_FIELDS)} '
-                  "(model.skip only between 'identity' and 'none' with model.shortcut='A')")
+def _same(field: str, values: list, why: str) -> None:
+    """Refuse a field whose value is not the same in every member, naming the first member that differs."""
+    first = next((i for i, v in enumerate(values) if v != values[0]), None)
+    if first is not None:
+        refuse(field, f'differs between the members of a population ({values[0]!r} in member 0, {values[first]!r} '
+                      f'in member {first}); {why}. Members may differ only in: {", ".join(MEMBER_CONFIG_FIELDS)} '
+                      "(model.skip only between 'identity' and 'none' with model.shortcut='A')")
 
 
 def check_population(configs) -> tuple:
     """(the network every member computes, each member's values for its `member` hook): refuses, before
-    anything is traced, configs that cannot share one compiled step, naming the first field that differs."""
+    anything is traced, configs that cannot share one compiled step, naming the first field that differs.
+
+    Model fields are compared on the networks the configs build, after `split_member` has moved each member's
+    own values out of the design, so that resnet20 and plain20 (option A) share one network."""
     if not configs:
         raise ConfigError('a population needs at least one member config')
     flats = [config_lib._flatten(json.loads(config_lib.to_json(c))) for c in configs]
     for field in flats[0]:
-        values = [f.get(field) for f in flats]
-        if not field.startswith('model.') and field not in MEMBER_CONFIG_FIELDS and values != values[0:1] * len(values):
-            _differs(field, values, 'it changes shapes, control flow or the data all members share')
+        if not field.startswith('model.') and field not in MEMBER_CONFIG_FIELDS:
+            _same(field, [f.get(field) for f in flats], 'it changes shapes, control flow or what every member shares')
     models = [registry.check_config(c) for c in configs]
     splits = [split_member(m.design) for m in models]
+    shape = 'it changes the parameters or the computation of the shared network'
     for field in registry.NETWORK_FIELDS:
-        _same(f'model.{field}', [getattr(m, field) for m in models])
+        _same(f'model.{field}', [getattr(m, field) for m in models], shape)
     for field in registry.DESIGN_FIELDS:
-        _same(f'model.{field}', [getattr(shared, field) for shared, _ in splits])
+        _same(f'model.{field}', [getattr(shared, field) for shared, _ in splits],
+              'the skip modes differ in parameters or control flow' if field == 'skip' else shape)
     return models[0].clone(design=splits[0][0]), [values for _, values in splits]
-
-
-def _same(field: str, values: list) -> None:
-    if any(v != values[0] for v in values):
-        why = 'the skip modes differ in parameters or control flow' if field == 'model.skip' else \
-            'it changes the parameters or the computation of the shared network'
-        _differs(field, values, why)
 
 
 def member_values(configs, model_values: list[dict], num_train: int) -> dict:
