@@ -53,6 +53,13 @@ def test_what_may_differ_is_a_member_value():
     assert model.design.skip == 'identity' and model.design.dropout_rate == 0.0
     assert [v['skip_gain'] for v in values] == [1.0, 0.0, 1.0, 0.0]
     assert [v['dropout_rate'] for v in values] == [0.0, 0.0, 0.0, 0.25]
+    assert all('drop_path_rate' not in v for v in values)  # the same in every member: left in the design
+
+
+def test_values_every_member_shares_stay_in_the_design():
+    configs = [tiny_config(**{'model.name': 'plain20', 'seed': seed, 'model.drop_path_rate': 0.1}) for seed in (0, 1)]
+    model, values = check_population(configs)
+    assert model.design.skip == 'none' and model.design.drop_path_rate == 0.1 and values == [{}, {}]
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ trains whole members, so that axis needs no communication; devices left over spl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -71,7 +72,19 @@ def check_population(configs) -> tuple:
     for field in registry.DESIGN_FIELDS:
         _same(f'model.{field}', [getattr(shared, field) for shared, _ in splits],
               'the skip modes differ in parameters or control flow' if field == 'skip' else shape)
-    return models[0].clone(design=splits[0][0]), [values for _, values in splits]
+    return _fold_constants(models[0], splits[0][0], [values for _, values in splits])
+
+
+def _fold_constants(model, shared, values: list[dict]):
+    """(model, member values) with the values that every member shares put back into the design, so that
+    the population runs what a standalone run runs where nothing differs (no dropout at rate 0, no shortcut
+    multiplied by 1)."""
+    constant = {k: v for k, v in values[0].items() if all(m[k] == v for m in values)}
+    fields = {k: v for k, v in constant.items() if k != 'skip_gain'}
+    if 'skip_gain' in constant:
+        fields['skip'] = 'identity' if constant['skip_gain'] else 'none'
+    design = dataclasses.replace(shared, **fields)
+    return model.clone(design=design), [{k: v for k, v in m.items() if k not in constant} for m in values]
 
 
 def member_values(configs, model_values: list[dict], num_train: int) -> dict:
@@ -165,12 +178,15 @@ class Population:
     def _per_shard(self, fn):
         """fn on each member shard's own members (manual over 'member', automatic over 'data'): left to
         itself, the compiler splits the grouped convolutions of a vmapped backward pass across the member
-        axis and gathers their inputs; this way no member's data leaves its devices."""
+        axis and gathers their inputs; this way no member's data leaves its devices. (check_vma is off: the
+        CPU convolution's backward pass, models.cpu_conv, transposes with abstract values that do not carry
+        the member axis, and nothing here communicates over that axis.)"""
         return jax.shard_map(fn, mesh=self.mesh, in_specs=P('member'), out_specs=P('member'),
                              axis_names={'member'}, check_vma=False)
 
     @property
     def seeds(self) -> jax.Array:
+        """Each member's config.seed, in member order."""
         return jnp.asarray([c.seed for c in self.configs], jnp.int32)
 
     def initial_states(self):
