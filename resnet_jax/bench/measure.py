@@ -3,6 +3,7 @@
     python -m resnet_jax.bench --model=resnet50 --batch_size=256 --dtype=bfloat16 --vs_torch
     python -m resnet_jax.bench --model=resnet20,resnet56 --batch_size=128,1024 --source=device
     python -m resnet_jax.bench --model=resnet50 --dtype=bfloat16 --remat=false,true --max_batch
+    python -m resnet_jax.bench --model=resnet20 --batch_size=128 --population=1,2,4,8,16
 
 Every combination of the comma-separated flags is one row. The step timed is the training
 step `python -m resnet_jax.train` runs (forward, backward, SGD with momentum and weight
@@ -11,7 +12,8 @@ decay, BatchNorm statistics), built by the same `Run` from a config. Sources:
   device     a random (or --dataset) set of --num_examples images resident on the device,
              shuffled and augmented inside the step (data.feed='device')
   host       the same set in host memory, gathered and transferred each step (data.feed='host')
-Each measurement (our step, PyTorch eager, PyTorch compiled) runs in a fresh process, so
+--population=M,... times populations of M runs (resnet_jax.train.population), vmapped and as a loop
+inside one jit, beside M separate runs of the single step. Each measurement (our step, PyTorch eager, PyTorch compiled) runs in a fresh process, so
 one framework's memory pool or compile cache never affects another's numbers, and each
 reports its own peak memory. Step time is measured over windows of --window steps with one
 device synchronisation per window; the median and the 10th/90th percentiles are over windows.
