@@ -13,7 +13,8 @@ decay, BatchNorm statistics), built by the same `Run` from a config. Sources:
              shuffled and augmented inside the step (data.feed='device')
   host       the same set in host memory, gathered and transferred each step (data.feed='host')
 --population=M,... times populations of M runs (resnet_jax.train.population), vmapped and as a loop
-inside one jit, beside M separate runs of the single step. Each measurement (our step, PyTorch eager, PyTorch compiled) runs in a fresh process, so
+inside one jit, beside M separate runs of the single step.
+Each measurement (our step, PyTorch eager, PyTorch compiled) runs in a fresh process, so
 one framework's memory pool or compile cache never affects another's numbers, and each
 reports its own peak memory. Step time is measured over windows of --window steps with one
 device synchronisation per window; the median and the 10th/90th percentiles are over windows.
