@@ -91,3 +91,14 @@ def test_sharded_population_matches_standalone_runs():
         assert diff['variables'] < TOLERANCE and diff['metrics'] < TOLERANCE, (i, diff)
     assert out['moved'] > 1e-2, 'training did not change the parameters, so the comparison is vacuous'
     assert out['collectives_one_member_per_device'] == []
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--population=1,0'], '--population: 1,0 must be comma-separated positive integers'),
+    (['--population=2', '--source=host'], '--population measures the step alone: use --source=synthetic'),
+])
+def test_bench_population_flag_is_checked(flags, message):
+    env = dict(os.environ, PYTHONPATH=str(TESTS.parent) + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    result = subprocess.run([sys.executable, '-m', 'resnet_jax.bench', *flags], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0 and f'error: {message}' in result.stderr
