@@ -9,7 +9,7 @@ import os
 from absl import app, flags
 
 from resnet_jax import cli
-from resnet_jax.bench.measure import BenchError, measure_row, table
+from resnet_jax.bench.measure import BenchError, measure_row, population_rows, population_table, table
 from resnet_jax.errors import close_matches
 from resnet_jax.models.design import DTYPES
 from resnet_jax.models.registry import PRESETS
@@ -36,6 +36,8 @@ flags.DEFINE_float('memory_limit_gib', None, "with --max_batch: the memory to fi
 flags.DEFINE_float('peak_tflops', None, "device peak TFLOP/s for MFU; default: the training loop's table")
 flags.DEFINE_integer('projected_steps', DEFAULT_STEPS_PROJECTED, 'steps for the projected-time column')
 flags.DEFINE_string('json', None, 'write the rows to this JSON file')
+flags.DEFINE_list('population', None, 'member counts M (comma-separated): time populations of M runs, vmapped and '
+                  'as a loop inside one jit, beside M separate runs (synthetic source)')
 
 
 def _parse_rows() -> list[dict]:
@@ -55,7 +57,7 @@ def _parse_rows() -> list[dict]:
         raise BenchError(f'--batch_size: {",".join(FLAGS.batch_size)} must be comma-separated integers') from None
     if min(batches) < 1 or min(FLAGS.steps, FLAGS.warmup, FLAGS.window) < 1:
         raise BenchError('--batch_size, --steps, --warmup and --window must be positive')
-    for flag in ('vs_torch', 'max_batch'):
+    for flag in ('vs_torch', 'max_batch', 'population'):
         if FLAGS[flag].value and set(FLAGS.source) != {'synthetic'}:
             raise BenchError(f'--{flag} measures the step alone: use --source=synthetic')
     return [dict(model=m, batch=b, dtype=d, source=s, remat=r == 'true')
@@ -72,14 +74,34 @@ def main(argv):
     args = {k: FLAGS[k].value for k in ('image_size', 'num_examples', 'dataset', 'peak_tflops', 'max_batch', 'memory_limit_gib',
                                          'vs_torch', 'torch_compile', 'steps', 'warmup', 'window',
                                          'projected_steps')}
+    if FLAGS.population:
+        sizes = _population_sizes()
+        rows = [row for spec in specs for row in population_rows(spec, sizes, args)]
+        _write_json(rows)
+        print(population_table(rows))
+        return
     rows = []
     for spec in specs:
         rows.append(measure_row(spec, args))
         print(json.dumps(rows[-1]), flush=True)
+    _write_json(rows)
+    print(table(rows))
+
+
+def _population_sizes() -> list[int]:
+    try:
+        sizes = [int(m) for m in FLAGS.population]
+    except ValueError:
+        sizes = [0]
+    if min(sizes) < 1:
+        raise BenchError(f'--population: {",".join(FLAGS.population)} must be comma-separated positive integers')
+    return sizes
+
+
+def _write_json(rows: list[dict]) -> None:
     if FLAGS.json:
         with open(FLAGS.json, 'w') as f:
             json.dump(rows, f, indent=2)
-    print(table(rows))
 
 
 if __name__ == '__main__':

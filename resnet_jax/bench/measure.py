@@ -3,6 +3,7 @@
     python -m resnet_jax.bench --model=resnet50 --batch_size=256 --dtype=bfloat16 --vs_torch
     python -m resnet_jax.bench --model=resnet20,resnet56 --batch_size=128,1024 --source=device
     python -m resnet_jax.bench --model=resnet50 --dtype=bfloat16 --remat=false,true --max_batch
+    python -m resnet_jax.bench --model=resnet20 --batch_size=128 --population=1,2,4,8,16
 
 Every combination of the comma-separated flags is one row. The step timed is the training
 step `python -m resnet_jax.train` runs (forward, backward, SGD with momentum and weight
@@ -11,6 +12,8 @@ decay, BatchNorm statistics), built by the same `Run` from a config. Sources:
   device     a random (or --dataset) set of --num_examples images resident on the device,
              shuffled and augmented inside the step (data.feed='device')
   host       the same set in host memory, gathered and transferred each step (data.feed='host')
+--population=M,... times populations of M runs (resnet_jax.train.population), vmapped and as a loop
+inside one jit, beside M separate runs of the single step.
 Each measurement (our step, PyTorch eager, PyTorch compiled) runs in a fresh process, so
 one framework's memory pool or compile cache never affects another's numbers, and each
 reports its own peak memory. Step time is measured over windows of --window steps with one
@@ -117,13 +120,7 @@ def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None
         if i == 0:
             first_loss = float(metrics['train/loss'])
     jax.block_until_ready(state)
-    per_step = []
-    for _ in range(max(1, steps // window)):
-        t0 = time.perf_counter()
-        for _ in range(window):
-            state, metrics = compiled(state, next_input(), rng)
-        jax.block_until_ready((state, metrics))
-        per_step.append((time.perf_counter() - t0) / window)
+    state, metrics, per_step = _window_times(lambda s: compiled(s, next_input(), rng), state, steps, window)
     if not np.isfinite(float(metrics['train/loss'])):
         raise FloatingPointError(f'the loss became {float(metrics["train/loss"])} while timing')
 
@@ -140,6 +137,86 @@ def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None
             'device_limit_gib': _device_memory_gib('bytes_limit'), 'first_loss': first_loss,
             'device_kind': jax.devices()[0].device_kind, 'num_devices': devices,
             'xla_flags': os.environ.get('XLA_FLAGS', '')}
+
+
+def _window_times(step, state, steps: int, window: int):
+    """(state, metrics, seconds per step of each window): `step(state) -> (state, metrics)` run in windows of
+    `window` steps, with one device synchronisation per window."""
+    import jax
+
+    per_step = []
+    for _ in range(max(1, steps // window)):
+        t0 = time.perf_counter()
+        for _ in range(window):
+            state, metrics = step(state)
+        jax.block_until_ready((state, metrics))
+        per_step.append((time.perf_counter() - t0) / window)
+    return state, metrics, per_step
+
+
+def measure_population(config, size: int, steps: int, warmup: int, window: int) -> dict:
+    """Time a population of `size` copies of `config` (seeds 0..size-1) on one fixed device-resident batch
+    per member, trained by the vmapped step and by a Python loop over the members inside one jit:
+    {'vmap': {...}, 'loop': {...}} with member-images/s, step time, compile time and memory."""
+    import jax
+
+    from resnet_jax.train.population import Population
+
+    configs = [config.copy_and_resolve_references() for _ in range(size)]
+    for seed, c in enumerate(configs):
+        c.seed = seed
+    population = Population(configs)
+    batches, rngs, values = population.train_inputs()(), population.rngs(), population.device_values()
+    out = {}
+    for mode, step in (('vmap', population.train_step), ('loop', population.loop_step)):
+        state = population.initial_states()
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batches, rngs, values).compile()
+        compile_seconds = time.perf_counter() - t0
+        run = lambda s: compiled(s, batches, rngs, values)  # noqa: E731
+        for _ in range(warmup):
+            state, _ = run(state)
+        state, metrics, per_step = _window_times(run, state, steps, window)
+        median = statistics.median(per_step)
+        out[mode] = {'member_images_per_sec': size * config.batch_size / median, 'step_ms_median': 1e3 * median,
+                     'compile_seconds': compile_seconds, 'memory_gib': _memory_gib(compiled),
+                     'final_loss': [float(v) for v in jax.device_get(metrics['train/loss'])]}
+        del state
+    out['device_kind'], out['num_devices'] = jax.devices()[0].device_kind, jax.device_count()
+    return out
+
+
+def population_rows(spec: dict, sizes: list[int], args: dict) -> list[dict]:
+    """One row per population size: the population's vmap and loop-in-jit numbers beside `size` separate
+    single runs (the single run's step, measured once, taken `size` times one after another)."""
+    config = _config(spec['model'], spec['batch'], spec['dtype'], 'synthetic', spec['remat'], args['image_size'],
+                     args['num_examples'], args['dataset'], args['peak_tflops'])
+    single = _in_fresh_process(measure_jax, config, args['steps'], args['warmup'], args['window'])
+    rows = []
+    for size in sizes:
+        row = dict(spec, image_size=config.data.image_size, members=size,
+                   separate={'member_images_per_sec': single['images_per_sec'],
+                             'step_ms_median': size * single['step_ms_median'],
+                             'memory_gib': None if single['memory_gib'] is None else size * single['memory_gib']})
+        row.update(_in_fresh_process(measure_population, config, size, args['steps'], args['warmup'], args['window']))
+        rows.append(row)
+    return rows
+
+
+def population_table(rows: list[dict]) -> str:
+    """The population rows as a Markdown table: each mode's member-images/s, time per step of all M members,
+    memory, and its speed relative to M separate runs."""
+    head = ('| model | batch | dtype | device | M | mode | member img/s | ms per step of all M | memory GiB '
+            '| vs separate |')
+    lines = [head, '|' + '---|' * (head.count('|') - 1)]
+    for r in rows:
+        base = r['separate']['member_images_per_sec']
+        for mode in ('separate', 'vmap', 'loop'):
+            m = r[mode]
+            lines.append(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['device_kind']} x{r['num_devices']} "
+                         f"| {r['members']} | {mode} | {_fmt(m['member_images_per_sec'])} | {m['step_ms_median']:.1f} "
+                         f"| {_fmt(m['memory_gib'], '.2f')} | {m['member_images_per_sec'] / base:.2f}x |")
+    return '\n'.join(lines)
 
 
 def _set_batch(config, batch: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from resnet_jax.errors import check_field_choice, check_field_regex, refuse
@@ -143,23 +144,61 @@ def weight_decay_mask(config):
     return lambda params: jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def make_optimizer(config, num_train: int) -> optax.GradientTransformation:
-    """The whole update rule of config.optim (clipping, weight decay, SGD/AdamW/LARS, the lr schedule),
-    restricted and scaled by config.finetune; `num_train` sets the length of epoch-based schedules."""
+def member_lr_schedule(config, num_train: int, member) -> optax.Schedule:
+    """`lr_schedule` for one member of a population, whose lr, warm-up length (in steps) and decay factor are
+    traced scalars of `member` (see train.population): the same arithmetic as optax's schedules, written with
+    jnp because their constructors branch on Python numbers."""
     o = config.optim
-    schedule = lr_schedule(config, num_train)
+    steps = total_steps(config, num_train)
+    boundaries, _ = schedule_steps(config, num_train)
+    base, warmup, factor = member['lr'], member['warmup_steps'], member['decay_factor']
+    lr = base * (config.batch_size / 256 if o.scale_lr_by_batch else 1.0)
+    start = {'linear': 0.0, 'linear_from_base': base}.get(o.warmup)
+
+    def schedule(step):
+        count = step - warmup
+        if o.schedule == 'piecewise':
+            main = lr
+            for b in boundaries:
+                main = jnp.where(step < b, main, factor * main)
+        elif o.schedule == 'cosine':
+            decay_steps = jnp.maximum(1, steps - warmup).astype(jnp.float32)
+            main = lr * (0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(count, decay_steps) / decay_steps)))
+        else:
+            main = lr
+        if start is None:  # 'constant' warm-up
+            ramp = lr * o.warmup_factor
+        else:
+            length = jnp.maximum(warmup, 1)
+            ramp = (start - lr) * (1 - jnp.clip(step, 0, length) / length) + lr
+        return jnp.where(step < warmup, ramp, main)
+
+    return schedule
+
+
+def make_optimizer(config, num_train: int, member=None) -> optax.GradientTransformation:
+    """The whole update rule of config.optim (clipping, weight decay, SGD/AdamW/LARS, the lr schedule),
+    restricted and scaled by config.finetune; `num_train` sets the length of epoch-based schedules.
+
+    member: one population member's hyperparameters as traced scalars ('lr', 'momentum', 'weight_decay',
+    'warmup_steps', 'decay_factor'; see train.population), replacing the config's. Momentum and weight decay
+    are then always applied, so that every member has the same optimizer state (at 0 they change nothing)."""
+    o = config.optim
+    schedule = lr_schedule(config, num_train) if member is None else member_lr_schedule(config, num_train, member)
+    weight_decay, momentum = (o.weight_decay, o.momentum) if member is None else (member['weight_decay'],
+                                                                                  member['momentum'])
     mask = weight_decay_mask(config)
-    decay = optax.add_decayed_weights(o.weight_decay, mask) if o.weight_decay else optax.identity()
+    decay = optax.add_decayed_weights(weight_decay, mask) if member is not None or o.weight_decay \
+        else optax.identity()
     l2, decoupled = (decay, optax.identity()) if o.decay_type == 'l2' else (optax.identity(), decay)
+    trace = optax.trace(momentum, o.nesterov) if member is not None or o.momentum else optax.identity()
     if o.name == 'sgd':
-        direction = optax.trace(o.momentum, o.nesterov) if o.momentum else optax.identity()
-        core = [l2, direction, decoupled, optax.scale_by_learning_rate(schedule)]
+        core = [l2, trace, decoupled, optax.scale_by_learning_rate(schedule)]
     elif o.name == 'adamw':
         core = [l2, optax.scale_by_adam(o.b1, o.b2, o.eps), decoupled, optax.scale_by_learning_rate(schedule)]
     else:  # LARS (You et al.): a per-layer trust ratio; decay enters before the ratio, as in the paper
         trust = optax.scale_by_trust_ratio(trust_coefficient=o.lars_trust_coefficient, eps=o.eps)
         trust = optax.masked(trust, decay_mask)
-        core = [decay, trust, optax.scale_by_learning_rate(schedule),
-                optax.trace(o.momentum, o.nesterov) if o.momentum else optax.identity()]
+        core = [decay, trust, optax.scale_by_learning_rate(schedule), trace]
     clip = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm else []
     return finetune.wrap_optimizer(optax.chain(*clip, *core), config)  # frozen parameters, layer-wise lr

@@ -31,8 +31,9 @@ class TrainState:
     ema_params: Any  # None unless optim.ema_decay > 0
 
 
-def create_state(model, optimizer, rng, image_size: int, ema: bool) -> TrainState:
-    variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+def create_state(model, optimizer, rng, image_size: int, ema: bool, member=None) -> TrainState:
+    """A fresh state; `member`: a population member's model values, which gate initialisers read."""
+    variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), member=member)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}), opt_state=optimizer.init(params),
@@ -49,10 +50,11 @@ def topk_correct(logits, labels, k: int):
     return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def preprocess(rng, batch, config, num_classes: int, mean, std):
+def preprocess(rng, batch, config, num_classes: int, mean, std, label_smoothing=None):
     """(normalised images, soft targets) of a uint8 batch: the feed's on-device augmentation (the CIFAR
     crop pads before normalising, or after it with data.pad_after_normalize), label smoothing, then
-    mixup/CutMix."""
+    mixup/CutMix. label_smoothing: a population member's (traced), applied even at 0, where it changes
+    nothing; None: config.optim's."""
     d = config.data
     crop = augment.on_device(config) == 'cifar'
     images = augment.cifar_augment(rng, batch['image'], d.pad_mode) if crop and not d.pad_after_normalize \
@@ -61,23 +63,30 @@ def preprocess(rng, batch, config, num_classes: int, mean, std):
     if crop and d.pad_after_normalize:
         x = augment.cifar_augment(rng, x, d.pad_mode)
     targets = jax.nn.one_hot(batch['label'], num_classes)
-    if config.optim.label_smoothing:
-        targets = optax.smooth_labels(targets, config.optim.label_smoothing)
+    if label_smoothing is not None or config.optim.label_smoothing:
+        targets = optax.smooth_labels(targets, config.optim.label_smoothing if label_smoothing is None
+                                      else label_smoothing)
     if config.data.mixup_alpha or config.data.cutmix_alpha:
         x, targets = augment.mix(jax.random.fold_in(rng, 1), x, targets, config.data.mixup_alpha,
                                  config.data.cutmix_alpha)
     return x, targets
 
 
-def train_step(state: TrainState, batch, rng, *, model, optimizer, config, mean, std):
+def train_step(state: TrainState, batch, rng, *, model, optimizer, config, mean, std, member=None):
+    """One update. member: a population member's traced values (train.population), {'model': the model's
+    `member` hook values, 'optim': its 'label_smoothing' and 'ema_decay' among others}; the optimizer is
+    then that member's too. None: the config's values, as a standalone run."""
     step_rng = jax.random.fold_in(rng, state.step)
     augment_rng, dropout_rng = jax.random.split(step_rng)
-    x, targets = preprocess(augment_rng, batch, config, model.num_classes, mean, std)
+    hyper = None if member is None else member['optim']
+    x, targets = preprocess(augment_rng, batch, config, model.num_classes, mean, std,
+                            None if hyper is None else hyper['label_smoothing'])
     apply = finetune.train_apply(model, config)  # model.apply, unless parts are frozen
 
     def loss_fn(params):
         logits, updates = apply({'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-                                mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+                                mutable=['batch_stats'], rngs={'dropout': dropout_rng},
+                                member=None if member is None else member['model'])
         loss = optax.softmax_cross_entropy(logits, targets).mean()
         return loss, (logits, updates.get('batch_stats', {}))
 
@@ -86,7 +95,7 @@ def train_step(state: TrainState, batch, rng, *, model, optimizer, config, mean,
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if ema is not None:
-        decay = config.optim.ema_decay
+        decay = config.optim.ema_decay if hyper is None else hyper['ema_decay']
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient leaves the state as it was (the loop stops or counts it, per

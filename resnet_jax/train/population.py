@@ -1,0 +1,213 @@
+"""Populations: M small runs trained by one compiled step.
+
+A CIFAR-sized network leaves an accelerator mostly idle (its step is bound by kernel launches, not
+arithmetic), and separate processes only time-slice the chip. A population trains M members at once:
+each has its own parameters, BatchNorm statistics, optimizer state, random stream, data order and
+hyperparameters, and one `jax.vmap`-ed train step does every member's work in each kernel.
+
+Members may differ in what changes no shape and no control flow (`MEMBER_CONFIG_FIELDS`): the seed
+(initialisation, data order, augmentation, dropout), the optimizer hyperparameters that `optim.make_optimizer`
+takes as traced values, and the design fields of `models.design.MEMBER_FIELDS` (numeric ones, and skip
+'identity' vs 'none' with option A shortcuts: a plain net is its ResNet twin with the shortcut times 0,
+which is exact). Everything else must be equal; `check_population` refuses a mixed population naming the
+field, before anything is compiled. The member axis is laid over devices (`member_mesh`): each device
+trains whole members, so that axis needs no communication; devices left over split each member's batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from resnet_jax.data import pipeline
+from resnet_jax.errors import ConfigError, refuse
+from resnet_jax.models import registry
+from resnet_jax.models.design import MEMBER_FIELDS, split_member
+from resnet_jax.train import config as config_lib
+from resnet_jax.train import optim
+from resnet_jax.train import step as step_lib
+
+# The optimizer fields a member may set (warm-up in steps or epochs: it becomes steps either way).
+MEMBER_OPTIM_FIELDS = ('lr', 'momentum', 'weight_decay', 'label_smoothing', 'warmup_steps', 'warmup_epochs',
+                       'decay_factor', 'ema_decay')
+# Every config field that may differ between the members of one population.
+MEMBER_CONFIG_FIELDS = ('seed',) + tuple(f'optim.{f}' for f in MEMBER_OPTIM_FIELDS) + tuple(
+    f'model.{f}' for f in MEMBER_FIELDS)
+AXES = ('member', 'data')
+
+
+def _same(field: str, values: list, why: str) -> None:
+    """Refuse a field whose value is not the same in every member, naming the first member that differs."""
+    first = next((i for i, v in enumerate(values) if v != values[0]), None)
+    if first is not None:
+        refuse(field, f'differs between the members of a population ({values[0]!r} in member 0, {values[first]!r} '
+                      f'in member {first}); {why}. Members may differ only in: {", ".join(MEMBER_CONFIG_FIELDS)} '
+                      "(model.skip only between 'identity' and 'none' with model.shortcut='A')")
+
+
+def check_population(configs) -> tuple:
+    """(the network every member computes, each member's values for its `member` hook): refuses, before
+    anything is traced, configs that cannot share one compiled step, naming the first field that differs.
+
+    Model fields are compared on the networks the configs build, after `split_member` has moved each member's
+    own values out of the design, so that resnet20 and plain20 (option A) share one network."""
+    if not configs:
+        raise ConfigError('a population needs at least one member config')
+    flats = [config_lib._flatten(json.loads(config_lib.to_json(c))) for c in configs]
+    for field in flats[0]:
+        if not field.startswith('model.') and field not in MEMBER_CONFIG_FIELDS:
+            _same(field, [f.get(field) for f in flats], 'it changes shapes, control flow or what every member shares')
+    models = [registry.check_config(c) for c in configs]
+    splits = [split_member(m.design) for m in models]
+    shape = 'it changes the parameters or the computation of the shared network'
+    for field in registry.NETWORK_FIELDS:
+        _same(f'model.{field}', [getattr(m, field) for m in models], shape)
+    for field in registry.DESIGN_FIELDS:
+        _same(f'model.{field}', [getattr(shared, field) for shared, _ in splits],
+              'the skip modes differ in parameters or control flow' if field == 'skip' else shape)
+    return _fold_constants(models[0], splits[0][0], [values for _, values in splits])
+
+
+def _fold_constants(model, shared, values: list[dict]):
+    """(model, member values) with the values that every member shares put back into the design, so that
+    the population runs what a standalone run runs where nothing differs (no dropout at rate 0, no shortcut
+    multiplied by 1)."""
+    constant = {k: v for k, v in values[0].items() if all(m[k] == v for m in values)}
+    fields = {k: v for k, v in constant.items() if k != 'skip_gain'}
+    if 'skip_gain' in constant:
+        fields['skip'] = 'identity' if constant['skip_gain'] else 'none'
+    design = dataclasses.replace(shared, **fields)
+    return model.clone(design=design), [{k: v for k, v in m.items() if k not in constant} for m in values]
+
+
+def member_values(configs, model_values: list[dict], num_train: int) -> dict:
+    """{'model': {key: (M,) array}, 'optim': {key: (M,) array}}: what each member's step reads as traced
+    scalars, in member order."""
+    def optim_values(c):
+        o = c.optim
+        return {'lr': o.lr, 'momentum': o.momentum, 'weight_decay': o.weight_decay,
+                'label_smoothing': o.label_smoothing, 'warmup_steps': optim.schedule_steps(c, num_train)[1],
+                'decay_factor': o.decay_factor, 'ema_decay': o.ema_decay}
+
+    def stack(dicts):
+        return {k: np.asarray([d[k] for d in dicts], np.int32 if k == 'warmup_steps' else np.float32)
+                for k in dicts[0]}
+
+    return {'model': stack(model_values), 'optim': stack([optim_values(c) for c in configs])}
+
+
+def member_mesh(size: int, devices) -> Mesh:
+    """The ('member', 'data') mesh for `size` members: the members split over as many devices as divide both
+    counts, each member's batch over the devices that leaves (1 when there are more members than devices)."""
+    members = math.gcd(size, len(devices))
+    return Mesh(np.asarray(devices).reshape(members, len(devices) // members), AXES)
+
+
+def _looped(fn, size: int):
+    """fn applied to each of `size` members in turn, a Python loop traced into one program, its results stacked
+    as jax.vmap stacks them: the baseline the benchmark compares vmap with."""
+    def looped(*args):
+        outs = [fn(*jax.tree_util.tree_map(lambda a: a[i], args)) for i in range(size)]
+        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+    return looped
+
+
+class Population:
+    """M member configs built into one network, M stacked train states and one compiled step.
+
+    `train_step(states, batches, rngs, values)` is the vmapped step, `loop_step` the same members run by a
+    Python loop inside one jit (for the benchmark); both donate the states and return (states, metrics) with
+    a leading member axis. Member i is what the standalone run of configs[i] computes, to float32 rounding.
+    Host feed only; one process.
+    """
+
+    def __init__(self, configs, devices=None):
+        devices = jax.devices() if devices is None else devices
+        self.configs = list(configs)
+        self.size = len(self.configs)
+        model, model_values = check_population(self.configs)
+        lead = self.configs[0]
+        if lead.data.feed != 'host':
+            refuse('data.feed', f"{lead.data.feed!r} is not supported by populations yet; use 'host'")
+        if lead.mesh.fsdp != 1:
+            refuse('mesh.fsdp', f'{lead.mesh.fsdp}: a population lays its members over the devices and '
+                                'replicates nothing, so it takes mesh.fsdp=1')
+        self.mesh = member_mesh(self.size, devices)
+        for c in self.configs:
+            config_lib.validate(c, self.mesh.shape['data'])
+        self.train_data = pipeline.open_split(lead, lead.data.train_split)
+        num_train = len(self.train_data)
+        for c in self.configs:
+            config_lib.validate(c, self.mesh.shape['data'], num_train)
+        classes = lead.model.num_classes or self.train_data.num_classes
+        if classes != self.train_data.num_classes:
+            refuse('model.num_classes', f'{classes} differs from the {self.train_data.num_classes} classes of '
+                                        f'{lead.data.dataset}')
+        self.model = model.clone(num_classes=classes)
+        self.num_steps = optim.total_steps(lead, num_train)
+        self.values = member_values(self.configs, model_values, num_train)
+        self.mean, self.std = pipeline.normalization(lead, self.train_data)
+        ema = any(c.optim.ema_decay > 0 for c in self.configs)
+
+        def init(rng, values):
+            optimizer = optim.make_optimizer(lead, num_train, values['optim'])
+            return step_lib.create_state(self.model, optimizer, rng, lead.data.image_size, ema, values['model'])
+
+        def member_step(state, batch, rng, values):
+            optimizer = optim.make_optimizer(lead, num_train, values['optim'])
+            return step_lib.train_step(state, batch, rng, model=self.model, optimizer=optimizer, config=lead,
+                                       mean=self.mean, std=self.std, member=values)
+
+        self.member_sharding = NamedSharding(self.mesh, P('member'))
+        self.batch_sharding = NamedSharding(self.mesh, P(*AXES))
+        member = self.member_sharding
+        self._init = jax.jit(jax.vmap(init), in_shardings=member, out_shardings=member)
+        shardings = dict(in_shardings=(member, self.batch_sharding, member, member), out_shardings=member,
+                         donate_argnums=0)
+        local = self.size // self.mesh.shape['member']  # members per member shard
+        self.train_step = jax.jit(self._per_shard(jax.vmap(member_step)), **shardings)
+        self.loop_step = jax.jit(self._per_shard(_looped(member_step, local)), **shardings)
+
+    def _per_shard(self, fn):
+        """fn on each member shard's own members (manual over 'member', automatic over 'data'): left to
+        itself, the compiler splits the grouped convolutions of a vmapped backward pass across the member
+        axis and gathers their inputs; this way no member's data leaves its devices. (check_vma is off: the
+        CPU convolution's backward pass, models.cpu_conv, transposes with abstract values that do not carry
+        the member axis, and nothing here communicates over that axis.)"""
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=P('member'), out_specs=P('member'),
+                             axis_names={'member'}, check_vma=False)
+
+    @property
+    def seeds(self) -> jax.Array:
+        """Each member's config.seed, in member order."""
+        return jnp.asarray([c.seed for c in self.configs], jnp.int32)
+
+    def initial_states(self):
+        """Every member's fresh state, from its seed as a standalone run draws it (`loop.Run.initial_state`)."""
+        keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), -1 % 2 ** 31))(self.seeds)
+        return self._init(keys, self.device_values())
+
+    def rngs(self) -> jax.Array:
+        """Each member's train-step key, a standalone run's jax.random.key(seed)."""
+        return jax.device_put(jax.vmap(jax.random.key)(self.seeds), self.member_sharding)
+
+    def device_values(self) -> dict:
+        """The member values on the mesh, split like the states."""
+        return jax.device_put(self.values, self.member_sharding)
+
+    def train_inputs(self, start_step: int = 0):
+        """A function returning the next (M, batch, ...) batches: member i's batch of its own data order."""
+        iterators = [pipeline.train_iterator(c, self.train_data, None, start_step) for c in self.configs]
+
+        def next_batches():
+            batches = [next(it) for it in iterators]
+            return jax.device_put({k: np.stack([b[k] for b in batches]) for k in batches[0]}, self.batch_sharding)
+
+        return next_batches

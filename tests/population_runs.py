@@ -1,0 +1,96 @@
+"""Populations against standalone runs: the configs, the two trainings and their differences.
+
+Imported by test_population.py, and run as a script in a subprocess for the sharded case, because
+the 8 CPU devices must be requested before JAX starts:
+XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/population_runs.py
+It prints, as JSON, the largest differences between a population of 4 laid over 8 devices (4 member
+shards x 2 data shards) and the 4 standalone runs on one device, and the collectives in the compiled
+step of 8 members over 8 devices (one member per device: there should be none).
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+from helpers import tiny_config
+
+from resnet_jax import sharding
+from resnet_jax.data import arrays
+from resnet_jax.train.loop import Run
+from resnet_jax.train.population import Population
+
+STEPS = 3
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute', 'all-to-all')
+
+
+def member_configs(learning_rates=(0.1, 0.05, 0.2, 0.1)):
+    """Two seeds x {ResNet, its plain twin}, each at its own learning rate: a ResNet-8 of width 8 on 8x8
+    synthetic images, batch 8."""
+    members = [(seed, name) for seed in (0, 1) for name in ('resnet20', 'plain20')]
+    return [tiny_config(**{'data.dataset': 'synthetic', 'batch_size': 8, 'model.name': name, 'seed': seed,
+                           'optim.lr': lr}) for (seed, name), lr in zip(members, learning_rates)]
+
+
+def train_population(configs, devices, steps=STEPS):
+    """(params and batch stats with a leading member axis, per-step metrics with a member axis) after `steps`."""
+    population = Population(configs, devices)
+    states, rngs, values = population.initial_states(), population.rngs(), population.device_values()
+    next_batches, metrics = population.train_inputs(), []
+    for _ in range(steps):
+        states, m = population.train_step(states, next_batches(), rngs, values)
+        metrics.append(m)
+    return jax.device_get(({'params': states.params, 'batch_stats': states.batch_stats}, metrics))
+
+
+def train_standalone(config, device, steps=STEPS):
+    """The same for the standalone run of `config` on one device (no member axis)."""
+    run = Run(config, [device])
+    state, rng = run.initial_state(), jax.random.key(config.seed)
+    batches, metrics = arrays.train_batches(run.train_data, config.batch_size, config.seed), []
+    for _ in range(steps):
+        state, m = run.train_step(state, sharding.global_batch(next(batches), run.mesh), rng)
+        metrics.append(m)
+    return jax.device_get(({'params': state.params, 'batch_stats': state.batch_stats}, metrics))
+
+
+def max_difference(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def member(tree, i):
+    """Member i's slice of a tree with a leading member axis."""
+    return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+def differences(population, standalone):
+    """Per member: the largest difference of (params, batch stats) and of the metrics of every step."""
+    (variables, metrics), out = population, []
+    for i, (ref_variables, ref_metrics) in enumerate(standalone):
+        out.append({'variables': max_difference(member(variables, i), ref_variables),
+                    'metrics': max_difference(member(metrics, i), ref_metrics)})
+    return out
+
+
+def collectives(configs, devices):
+    """The collective ops in the compiled vmapped step of `configs` over `devices`."""
+    population = Population(configs, devices)
+    states = jax.eval_shape(population.initial_states)
+    text = population.train_step.lower(states, population.train_inputs()(), population.rngs(),
+                                       population.device_values()).compile().as_text()
+    return sorted({op for op in COLLECTIVES if op in text})
+
+
+if __name__ == '__main__':
+    devices = jax.devices()
+    assert len(devices) == 8, f'needs 8 devices, got {len(devices)}'
+    configs = member_configs()
+    population = train_population(configs, devices)
+    standalone = [train_standalone(c, devices[0]) for c in configs]
+    eight = member_configs((0.1, 0.05, 0.2, 0.1)) + member_configs((0.3, 0.02, 0.05, 0.15))
+    json.dump({'differences': differences(population, standalone),
+               'moved': max_difference(member(population[0]['params'], 0),
+                                       jax.device_get(Run(configs[0], devices[:1]).initial_state().params)),
+                'mesh': dict(Population(configs, devices).mesh.shape),
+               'collectives_one_member_per_device': collectives(eight, devices)}, sys.stdout)
