@@ -9,7 +9,13 @@ import os
 from absl import app, flags
 
 from resnet_jax import cli
-from resnet_jax.bench.measure import BenchError, measure_row, population_rows, population_table, table
+from resnet_jax.bench.measure import (
+    BenchError,
+    measure_row,
+    population_rows,
+    population_table,
+    table,
+)
 from resnet_jax.errors import close_matches
 from resnet_jax.models.design import DTYPES
 from resnet_jax.models.registry import PRESETS
