@@ -183,11 +183,6 @@ def cifar_augment(rng, images, pad_mode: str = 'zero'):
     return cifar_crop_flip(images, offsets, jax.random.bernoulli(flip_rng, 0.5, (images.shape[0],)), pad_mode)
 
 
-def on_device(config) -> str:
-    """The augmentation the train step applies: the in-memory feeds' (the stream feed augments on the host)."""
-    return 'none' if config.data.feed == 'stream' else config.data.augment
-
-
 def mix(rng, x, targets, mixup_alpha: float, cutmix_alpha: float):
     """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of each example with its mirror in the batch.
 

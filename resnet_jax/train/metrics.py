@@ -100,6 +100,13 @@ class MetricWriter:
         self.close()
 
 
+def means(totals: Mapping[str, object], prefix: str) -> dict[str, float]:
+    """'<prefix>/<name>' means from evaluation sums (`step.eval_sums`, on the host): each sum over the
+    count, divided once after every batch and process has been added."""
+    count = float(totals['count'])
+    return {f'{prefix}/{k}': float(v) / count for k, v in totals.items() if k != 'count'}
+
+
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     """Every record of `<workdir>/metrics.jsonl` in file order (null for values that were non-finite).
 
