@@ -62,6 +62,7 @@ def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, float]:
 
 
 def main(argv):
+    """Evaluate --workdir's checkpoint and print the metrics as JSON (process 0)."""
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if os.path.isdir(flags.FLAGS.workdir):

@@ -94,6 +94,7 @@ def load(path: str):
 
 
 def main(argv):
+    """Export the checkpoint the flags name and print what was written beside it."""
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     info = export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step, flags.FLAGS.ema, flags.FLAGS.format)

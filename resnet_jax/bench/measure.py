@@ -217,6 +217,8 @@ def _in_fresh_process(fn, *args):
 
 
 def measure_row(spec: dict, args: dict) -> dict:
+    """One table row: our step (or the largest batch that fits) and, with vs_torch, PyTorch's, each
+    measured in a fresh process."""
     config = _config(spec['model'], spec['batch'], spec['dtype'], spec['source'], spec['remat'],
                      args['image_size'], args['num_examples'], args['dataset'], args['peak_tflops'])
     row = dict(spec, image_size=config.data.image_size)

@@ -98,6 +98,7 @@ class BatchIterator:
         return batch
 
     def get_state(self) -> dict:
+        """The position (step, skipped records) and what defines the order, as JSON for a checkpoint."""
         return dict(self.order, step=self.step, skipped=self.skipped)
 
     def set_state(self, state: dict, allow_order_change: bool = False) -> None:

@@ -38,6 +38,7 @@ RESTART = flags.DEFINE_bool('restart_from_scratch', False, 'when every checkpoin
 flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
+    """Train, turning each way a run can stop into its exit code (module docstring)."""
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     workdir_lib.quiet_terminal(WORKDIR.value)

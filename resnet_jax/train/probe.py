@@ -139,6 +139,7 @@ def train_head(run: Run, restored, manager, writer, workdir: str, signals, own_s
         indices = arrays.train_indices(num_train, config.batch_size, config.seed, index).astype(np.int32)
         return step_fn(state, train, indices)
 
-    steps = cadence.Steps(step=step, evaluate=evaluate, data_state=lambda done: {'step': done},  # the order is (seed, step)
+    # The data order is a function of (seed, step): the step is all a checkpoint needs of it.
+    steps = cadence.Steps(step=step, evaluate=evaluate, data_state=lambda done: {'step': done},
                           skipped_updates=restored.meta.get('skipped_updates', 0) if restored else 0)
     return cadence.run_steps(run, state, start, steps, manager, writer, workdir, signals, own_signals)
