@@ -52,6 +52,8 @@ from jax.experimental import multihost_utils
 
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.errors import check_field_choice, refuse
+from resnet_jax.models.timm_import import from_timm
+from resnet_jax.models.torchvision_import import from_torchvision, load_state_dict
 
 ITEMS = ('state', 'data', 'meta')
 SUMS_FILE = 'SHA256SUMS.json'
@@ -367,15 +369,9 @@ def warm_start(spec: str, model, params, batch_stats, init_head: str = 'keep') -
         saved = read_numpy(step_dir(path))
         source = {'params': saved['params'], 'batch_stats': saved.get('batch_stats') or {}}
     elif kind == 'torchvision':
-        from resnet_jax.models.torchvision_import import (
-            from_torchvision,
-            load_state_dict,
-        )
         state_dict = load_state_dict(path)
         source = from_torchvision(state_dict, model.clone(num_classes=state_dict['fc.weight'].shape[0]))
     elif kind == 'timm':
-        from resnet_jax.models.timm_import import from_timm
-        from resnet_jax.models.torchvision_import import load_state_dict
         state_dict = load_state_dict(path)
         source = from_timm(state_dict, model.clone(num_classes=state_dict['fc.weight'].shape[0]))
     else:

@@ -16,27 +16,10 @@ import sys
 import jax
 from absl import app, flags
 
-from resnet_jax import checkpoint, distributed
+from resnet_jax import distributed
 from resnet_jax import workdir as workdir_lib
-from resnet_jax.data import sources
-from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
-from resnet_jax.train.loop import Run
-
-
-def restore_workdir(workdir: str, step: int | None = None, run: Run | None = None):
-    """(Run rebuilt from the workdir's recorded config, its checkpoint `step` or the newest readable one);
-    pass the `run` of an earlier call to restore another step without rebuilding it."""
-    run = Run(config_lib.load_resolved(workdir)) if run is None else run
-    workdir_lib.check_labels(workdir, sources.class_names(run.config))  # the classes the model was trained on
-    manager = checkpoint.Manager(workdir_lib.checkpoints(workdir), run.config, read_only=True)
-    try:
-        restored = manager.restore(run.abstract_state, step)
-    finally:
-        manager.close()
-    if restored is None:
-        raise workdir_lib.WorkdirError(f'{workdir_lib.checkpoints(workdir)} holds no checkpoint')
-    return run, restored
+from resnet_jax.train.run import restore_workdir
 
 
 def _lock_for_writing(workdir: str) -> tuple[workdir_lib.Lock | None, str | None]:
@@ -79,6 +62,7 @@ def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, float]:
 
 
 def main(argv):
+    """Evaluate --workdir's checkpoint and print the metrics as JSON (process 0)."""
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if os.path.isdir(flags.FLAGS.workdir):
@@ -95,7 +79,7 @@ def main(argv):
         print(json.dumps(results, indent=2))
 
 
-if __name__ == '__main__':  # flags only for the command, so export.py can import restore_workdir
+if __name__ == '__main__':  # flags only for the command, so importing evaluate_workdir defines none
     flags.DEFINE_string('workdir', None, 'the run directory written by python -m resnet_jax.train')
     flags.DEFINE_integer('step', None, 'checkpoint step to evaluate (default: the newest readable one)')
     flags.mark_flags_as_required(['workdir'])

@@ -27,16 +27,16 @@ from absl import app, flags
 from flax import serialization
 
 from resnet_jax.errors import UserError
-from resnet_jax.models import get_model
+from resnet_jax.models import get_model, timm_import, torchvision_import
 from resnet_jax.models.registry import model_overrides
 from resnet_jax.train import config as config_lib
+from resnet_jax.train.run import restore_workdir
 
 FORMATS = ('flax', 'torchvision', 'timm')
 
 
 def _torch_format(format: str):
     """(check, write) for a PyTorch format: refuse a model it lacks; write variables as its state_dict."""
-    from resnet_jax.models import timm_import, torchvision_import
     return {'torchvision': (torchvision_import.check_torchvision, torchvision_import.to_torchvision),
             'timm': (timm_import.check_timm, timm_import.to_timm)}[format]
 
@@ -44,8 +44,6 @@ def _torch_format(format: str):
 def export(workdir: str, out: str, step: int | None = None, ema: bool = False, format: str = 'flax') -> dict:
     """Write `out` and `out`.json from checkpoint `step` (default: the newest readable) of `workdir`, as
     Flax msgpack or (format 'torchvision' or 'timm') a PyTorch state_dict in safetensors."""
-    from resnet_jax.evaluate import restore_workdir
-
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))) or os.path.isdir(out):  # before anything is restored
         raise UserError(f'--out={out}: ' + ('is a directory; name the file to write' if os.path.isdir(out) else
                                             f'its directory {os.path.dirname(os.path.abspath(out))} does not exist'))
@@ -73,10 +71,9 @@ def export(workdir: str, out: str, step: int | None = None, ema: bool = False, f
             'std': np.asarray(run.std).tolist(),
             'step': restored.step, 'ema': ema, 'dataset': config.data.dataset}
     if format != 'flax':  # the torch model takes the same normalisation, on NCHW images
-        from resnet_jax.models.timm_import import timm_name
         info.update(format=format, num_classes=run.model.num_classes)
         if format == 'timm':
-            info['timm_model'] = timm_name(run.model)
+            info['timm_model'] = timm_import.timm_name(run.model)
     with open(f'{out}.json', 'w') as f:
         json.dump(info, f, indent=2, default=list)
     return info
@@ -97,6 +94,7 @@ def load(path: str):
 
 
 def main(argv):
+    """Export the checkpoint the flags name and print what was written beside it."""
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     info = export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step, flags.FLAGS.ema, flags.FLAGS.format)

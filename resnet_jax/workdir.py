@@ -32,6 +32,9 @@ import signal
 import socket
 import sys
 
+from absl import flags
+from absl import logging as absl_logging
+
 from resnet_jax.errors import USAGE_EXIT_CODE, UserError  # noqa: F401 (USAGE_EXIT_CODE: one of the exit codes below)
 
 CONFIG_FILE = 'config.json'
@@ -63,10 +66,12 @@ class WorkdirBusy(WorkdirError):
 
 
 def path(workdir: str, name: str) -> str:
+    """The path of file `name` in `workdir`; one place that joins them."""
     return os.path.join(workdir, name)
 
 
 def checkpoints(workdir: str) -> str:
+    """The checkpoint directory of a workdir, which `checkpoint.Manager` owns."""
     return os.path.join(workdir, CHECKPOINTS_DIR)
 
 
@@ -199,6 +204,7 @@ def mark_done(workdir: str, step: int, metrics: dict) -> None:
 
 
 def is_done(workdir: str) -> bool:
+    """Whether the run finished (`done.json` exists), so that launchers and sweeps skip it."""
     return os.path.exists(os.path.join(workdir, DONE_FILE))
 
 
@@ -247,6 +253,7 @@ def _read_json_object(file: str, what: str) -> dict:
 
 
 def write_config(workdir: str, config_json: str) -> None:
+    """Record the run's resolved config as `config.json`, atomically, so a resume or evaluation rebuilds it."""
     write_atomic(os.path.join(workdir, CONFIG_FILE), config_json)
 
 
@@ -334,9 +341,6 @@ PROBING = ('jax._src.xla_bridge',)
 def quiet_terminal(workdir: str) -> None:
     """For a command's terminal: warnings and errors only, the INFO logging of Orbax, absl and JAX in
     <workdir>/library.log. With --verbosity given, absl's usual terminal logging at that level."""
-    from absl import flags
-    from absl import logging as absl_logging
-
     if flags.FLAGS['verbosity'].present:
         return
     terminal = absl_logging.get_absl_handler()
@@ -381,6 +385,7 @@ class StopSignals:
         self._unraisable_hook = None
 
     def install(self) -> StopSignals:
+        """Catch the stop signals from now on (a fresh start: nothing received, not yet recording)."""
         self.received, self._record, self._interrupts = None, False, 0
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -389,9 +394,11 @@ class StopSignals:
 
     @property
     def installed(self) -> bool:
+        """Whether the handlers are in place (a command installed them, or the training loop did)."""
         return bool(self._previous)
 
     def uninstall(self) -> None:
+        """Give the signals back to the handlers they had before `install`."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}

@@ -17,8 +17,8 @@ from helpers import tiny_config
 
 from resnet_jax import sharding
 from resnet_jax.data import arrays
-from resnet_jax.train.loop import Run
 from resnet_jax.train.population import Population
+from resnet_jax.train.run import Run
 
 STEPS = 3
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute', 'all-to-all')

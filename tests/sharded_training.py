@@ -13,7 +13,7 @@ from helpers import tiny_config
 
 from resnet_jax import sharding
 from resnet_jax.data import arrays
-from resnet_jax.train.loop import Run
+from resnet_jax.train.run import Run
 
 STEPS = 4
 

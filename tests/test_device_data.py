@@ -25,7 +25,8 @@ from resnet_jax.data.arrays import ArrayDataset
 from resnet_jax.errors import ConfigError
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
-from resnet_jax.train.loop import Run, train_and_evaluate
+from resnet_jax.train.loop import train_and_evaluate
+from resnet_jax.train.run import Run
 
 ROOT = Path(__file__).parents[1]
 CLASSES = 5

@@ -15,7 +15,8 @@ from resnet_jax.data import augment
 from resnet_jax.errors import ConfigError
 from resnet_jax.models import get_model
 from resnet_jax.train import config as config_lib
-from resnet_jax.train.loop import Run, train_and_evaluate
+from resnet_jax.train.loop import train_and_evaluate
+from resnet_jax.train.run import Run
 
 
 @pytest.fixture(scope='module')

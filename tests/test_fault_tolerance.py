@@ -21,7 +21,9 @@ from resnet_jax import checkpoint, workdir
 from resnet_jax.checkpoint import read_numpy, saved_steps
 from resnet_jax.errors import ConfigError
 from resnet_jax.train import metrics as metrics_lib
-from resnet_jax.train.loop import NonFiniteError, Run, train_and_evaluate
+from resnet_jax.train.cadence import NonFiniteError
+from resnet_jax.train.loop import train_and_evaluate
+from resnet_jax.train.run import Run
 from resnet_jax.workdir import PREEMPTED_EXIT_CODE
 
 RUN_TIMEOUT = 300

@@ -10,7 +10,12 @@ from pathlib import Path
 import jax
 import pytest
 from helpers import tiny_config
-from population_runs import differences, member_configs, train_population, train_standalone
+from population_runs import (
+    differences,
+    member_configs,
+    train_population,
+    train_standalone,
+)
 
 from resnet_jax.errors import ConfigError
 from resnet_jax.train.population import check_population

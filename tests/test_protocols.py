@@ -65,7 +65,7 @@ def test_validation_split_is_disjoint_deterministic_and_the_same_for_every_seed(
 
 
 def test_held_out_examples_are_evaluated_as_val_beside_eval():
-    from resnet_jax.train.loop import Run
+    from resnet_jax.train.run import Run
 
     run = Run(tiny_config(**{'data.validation_split': 48, 'best_metric': 'val/top1'}))
     metrics = run.evaluate(run.initial_state())

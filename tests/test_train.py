@@ -15,7 +15,8 @@ from helpers import tiny_config
 from resnet_jax import checkpoint, sharding
 from resnet_jax.data import arrays
 from resnet_jax.train import metrics as metrics_lib
-from resnet_jax.train.loop import Run, train_and_evaluate
+from resnet_jax.train.loop import train_and_evaluate
+from resnet_jax.train.run import Run
 from resnet_jax.train.step import topk_correct
 
 ROOT = Path(__file__).parents[1]

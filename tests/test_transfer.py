@@ -18,11 +18,12 @@ from test_train import run_module
 
 from resnet_jax import checkpoint
 from resnet_jax.errors import ConfigError
-from resnet_jax.evaluate import evaluate_workdir, restore_workdir
+from resnet_jax.evaluate import evaluate_workdir
 from resnet_jax.models import get_model
 from resnet_jax.train import finetune, optim
 from resnet_jax.train.config import validate
-from resnet_jax.train.loop import Run, train_and_evaluate
+from resnet_jax.train.loop import train_and_evaluate
+from resnet_jax.train.run import Run, restore_workdir
 
 FROZEN = ('params/stem_.*', 'params/stage1_.*')
 

@@ -1,7 +1,7 @@
 """What every analysis tool starts from, and how they all write their results.
 
 A `Subject` is a network with its variables: a trained run (`--workdir`: rebuilt from its recorded
-config by the training code and restored with `resnet_jax.evaluate.restore_workdir`) or a fresh one
+config by the training code and restored with `resnet_jax.train.run.restore_workdir`) or a fresh one
 (`--config`: the run's own initialisation from its seed). Tools read the first examples of the run's
 own split through its evaluation pipeline, so there is no augmentation and the normalisation is the
 one training used. Each tool writes PNG plots, JSON and CSV, and a `summary.md` into
@@ -25,6 +25,7 @@ from resnet_jax.errors import check_choice
 from resnet_jax.models import get_model
 from resnet_jax.models.registry import model_overrides
 from resnet_jax.train import step as step_lib
+from resnet_jax.train.run import Run, restore_workdir
 
 SPLITS = ('eval', 'train')
 BN_MODES = ('train', 'eval')
@@ -71,7 +72,7 @@ def kind(model) -> str:
 class Subject:
     """One network the tools analyse: a run rebuilt by the training code, and its variables at `step`."""
     label: str
-    run: object              # resnet_jax.train.loop.Run
+    run: Run
     step: int                # the training step of `variables` (0: initialisation)
     variables: dict          # {'params', 'batch_stats'}
     workdir: str | None
@@ -110,8 +111,6 @@ class Subject:
         """The variables at checkpoint `step`; step 0 is the run's initialisation from its seed."""
         if step == 0:
             return state_variables(self.run.initial_state())
-        from resnet_jax.evaluate import restore_workdir
-
         return state_variables(restore_workdir(self.workdir, step, self.run)[1].state)
 
 
@@ -122,9 +121,6 @@ def state_variables(state) -> dict:
 
 def load(workdir: str | None = None, config=None, step: int | None = None) -> Subject:
     """A trained run (its checkpoint `step`, default the newest readable one) or a fresh model from `config`."""
-    from resnet_jax.evaluate import restore_workdir
-    from resnet_jax.train.loop import Run
-
     if workdir is not None:
         run, restored = restore_workdir(workdir, step)
         return Subject(os.path.basename(os.path.normpath(workdir)), run, restored.step,

@@ -28,7 +28,18 @@ import os
 import statistics
 import time
 
+import jax
+import numpy as np
+
+from resnet_jax import sharding
+from resnet_jax.data import sources
 from resnet_jax.errors import UserError
+from resnet_jax.models import get_model
+from resnet_jax.models.registry import native_resolution
+from resnet_jax.models.torchvision_import import from_torchvision
+from resnet_jax.train import mfu
+from resnet_jax.train.config import base_config
+from resnet_jax.train.run import Run
 
 
 class BenchError(UserError, ValueError):
@@ -38,10 +49,6 @@ class BenchError(UserError, ValueError):
 def _config(model: str, batch: int, dtype: str, source: str, remat: bool, image_size: int | None,
             num_examples: int, dataset: str, peak_tflops: float | None):
     """The training config whose step a row measures."""
-    from resnet_jax.models import get_model
-    from resnet_jax.models.registry import native_resolution
-    from resnet_jax.train.config import base_config
-
     c = base_config()
     c.model.name = model
     c.model.dtype = dtype
@@ -80,23 +87,15 @@ def _memory_gib(compiled) -> float | None:
 
 def _device_memory_gib(stat: str) -> float | None:
     """A statistic of the first device's allocator ('peak_bytes_in_use', 'bytes_limit'), if it keeps one."""
-    import jax
     stats = jax.local_devices()[0].memory_stats() or {}
     return stats[stat] / 2 ** 30 if stat in stats else None
 
 
 def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None) -> dict:
     """Compile and time our train step for `config`; optionally start from converted torch weights."""
-    import jax
-    import numpy as np
-
-    from resnet_jax import sharding
-    from resnet_jax.train import loop
-
-    run = loop.Run(config)
+    run = Run(config)
     state = run.initial_state()
     if torch_weights is not None:
-        from resnet_jax.models.torchvision_import import from_torchvision
         variables = from_torchvision(torch_weights, run.model)
         state = jax.device_put(state.replace(params=variables['params'], batch_stats=variables['batch_stats'],
                                              opt_state=run.optimizer.init(variables['params'])),
@@ -112,7 +111,7 @@ def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None
     t0 = time.perf_counter()
     compiled = run.train_step.lower(state, inputs, rng).compile()
     compile_seconds = time.perf_counter() - t0
-    flops = loop.model_flops(run.model, config.data.image_size, config.batch_size) / run.mesh.size
+    flops = mfu.model_flops(run.model, config.data.image_size, config.batch_size) / run.mesh.size
 
     first_loss = None
     for i in range(warmup):
@@ -126,13 +125,13 @@ def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None
 
     median = statistics.median(per_step)
     devices = run.mesh.size
-    peak = loop.peak_flops_per_device(config)
+    peak = mfu.peak_flops_per_device(config)
     return {'images_per_sec': config.batch_size / median,
             'images_per_sec_per_device': config.batch_size / median / devices,
             'step_ms_median': 1e3 * median, 'step_ms_p10': 1e3 * _percentile(per_step, 0.1),
             'step_ms_p90': 1e3 * _percentile(per_step, 0.9), 'compile_seconds': compile_seconds,
             'tflop_per_step_per_device': flops / 1e12,
-            'mfu': flops / median / peak if peak and flops else None,
+            'mfu': mfu.mfu(flops, median, peak),
             'memory_gib': _memory_gib(compiled), 'device_peak_gib': _device_memory_gib('peak_bytes_in_use'),
             'device_limit_gib': _device_memory_gib('bytes_limit'), 'first_loss': first_loss,
             'device_kind': jax.devices()[0].device_kind, 'num_devices': devices,
@@ -233,11 +232,6 @@ def largest_batch(config, limit_gib: float | None = None, granularity: int = 32)
     changes speed, not size. The batch found then runs for real. `limit_gib` defaults to
     what the device's allocator may use (set XLA_PYTHON_CLIENT_MEM_FRACTION to raise it).
     """
-    import jax
-
-    from resnet_jax import sharding
-    from resnet_jax.train import loop
-
     limit = limit_gib or _device_memory_gib('bytes_limit')
     if limit is None:
         raise BenchError('--max_batch needs --memory_limit_gib on a device that reports no memory limit (a CPU)')
@@ -247,7 +241,7 @@ def largest_batch(config, limit_gib: float | None = None, granularity: int = 32)
     def fits(batch: int) -> bool:
         if batch not in sizes:
             _set_batch(config, batch)
-            run = loop.Run(config)
+            run = Run(config)
             size, data = config.data.image_size, sharding.batch_sharding(run.mesh)
             abstract = {'image': jax.ShapeDtypeStruct((batch, size, size, 3), 'uint8', sharding=data),
                         'label': jax.ShapeDtypeStruct((batch,), 'int32', sharding=data)}
@@ -274,10 +268,8 @@ def largest_batch(config, limit_gib: float | None = None, granularity: int = 32)
 
 def _torch_row(name: str, config, compile: bool, steps: int, warmup: int, seed: int) -> dict:
     """PyTorch's numbers for the same model, batch and precision, on the same first batch."""
-    import numpy as np
     import torch
 
-    from resnet_jax.data import sources
     from resnet_jax.pytorch import bench as bench_torch
 
     ds = sources.load(config, config.data.train_split)
@@ -302,6 +294,8 @@ def _in_fresh_process(fn, *args):
 
 
 def measure_row(spec: dict, args: dict) -> dict:
+    """One table row: our step (or the largest batch that fits) and, with vs_torch, PyTorch's, each
+    measured in a fresh process."""
     config = _config(spec['model'], spec['batch'], spec['dtype'], spec['source'], spec['remat'],
                      args['image_size'], args['num_examples'], args['dataset'], args['peak_tflops'])
     row = dict(spec, image_size=config.data.image_size)

@@ -15,39 +15,33 @@ from __future__ import annotations
 
 import time
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from resnet_jax import sharding
+from resnet_jax.data import feed as feed_lib
+from resnet_jax.data import pipeline
+from resnet_jax.train import config as config_lib
+from resnet_jax.train.step import preprocess
 
 FLAGS = flags.FLAGS
 
 
 def measure(config, batches: int, warmup: int, split: str | None = None) -> dict:
     """{'startup_s', 'images_per_sec', 'ms_per_batch'} of `config`'s training input on this machine."""
-    import jax
-
-    from resnet_jax import sharding
-    from resnet_jax.data import device as device_data
-    from resnet_jax.data import pipeline
-    from resnet_jax.train import config as config_lib
-    from resnet_jax.train.step import preprocess
-
     config_lib.validate(config, jax.device_count())
     mesh, rng = sharding.make_mesh(config), jax.random.key(0)
     start = time.perf_counter()
     source = pipeline.open_split(config, split or config.data.train_split)
     mean, std = pipeline.normalization(config, source)
-    batches_it = pipeline.train_iterator(config, source, mesh)
+    feed = feed_lib.make(config, mesh)
+    _, next_input = feed.train_inputs(source)
 
-    def prepare(batch, step):
-        if config.data.feed == 'device':
-            batch = device_data.batch_at(batch, config.seed, step, config.batch_size, mesh)
+    @jax.jit
+    def prepare(inputs, step):
+        batch = feed.to_batch(inputs, step)
         return preprocess(jax.random.fold_in(rng, step), batch, config, source.num_classes, mean, std)
-
-    prepare = jax.jit(prepare)
-
-    def next_input():
-        batch = next(batches_it)
-        return batch if config.data.feed == 'device' else sharding.global_batch(batch, mesh)
 
     jax.block_until_ready(prepare(next_input(), 0))
     startup = time.perf_counter() - start
@@ -62,6 +56,7 @@ def measure(config, batches: int, warmup: int, split: str | None = None) -> dict
 
 
 def table(rows: list[dict]) -> str:
+    """The rows as a Markdown table, one line per feed and worker count."""
     head = ('dataset', 'feed', 'workers', 'augment', 'batch', 'size', 'startup_s', 'images_per_sec', 'ms_per_batch')
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
@@ -83,16 +78,13 @@ def define_flags() -> None:
 
 
 def main(argv):
-    import jax
-
-    from resnet_jax.train import config as config_lib
-
+    """Measure every requested feed (and, for 'stream', worker count), after validating every row's config."""
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     config = FLAGS.config
-    bad = [f for f in FLAGS.feeds if f not in ('host', 'device', 'stream')]
+    bad = [f for f in FLAGS.feeds if f not in feed_lib.FEEDS]
     if bad:
-        raise app.UsageError(f'--feeds: {bad} not among host, device, stream')
+        raise app.UsageError(f'--feeds: {bad} not among {", ".join(feed_lib.FEEDS)}')
     try:
         worker_counts = [int(w) for w in FLAGS.workers]
     except ValueError:

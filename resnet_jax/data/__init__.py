@@ -1,1 +1,1 @@
-"""Input data: in-memory image datasets, the generated quickstart set, batch order."""
+"""Input data: sources, in-memory datasets, augmentation, and the feed (`feed.make`) that hands batches to training."""

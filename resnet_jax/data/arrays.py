@@ -21,6 +21,8 @@ from resnet_jax.data import shapes
 
 @dataclasses.dataclass(frozen=True)
 class ArrayDataset:
+    """A split decoded into memory as uint8 arrays, so that batches are gathered by index (the 'host' and
+    'device' feeds) and the normalisation statistics are exact."""
     images: np.ndarray  # uint8 (N, H, W, 3)
     labels: np.ndarray  # int32 (N,)
     num_classes: int
@@ -33,6 +35,7 @@ class ArrayDataset:
         return self.images[i], int(self.labels[i])
 
     def name(self, i: int) -> str:
+        """How messages name example `i` (a file-backed source names the file)."""
         return f'example {i}'
 
     def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:

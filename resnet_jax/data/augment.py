@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from resnet_jax.errors import UserError, check_field_choice, refuse
 
@@ -53,8 +54,6 @@ class CorruptImageError(UserError, ValueError):
 
 def decode(data, name: str) -> np.ndarray:
     """uint8 RGB (H, W, 3) from encoded bytes, a file path, or an array (grey and RGBA become RGB)."""
-    from PIL import Image
-
     if isinstance(data, np.ndarray) and data.dtype == np.uint8:
         return data if data.ndim == 3 and data.shape[-1] == 3 else np.asarray(_as_pil(data).convert('RGB'))
     try:
@@ -65,14 +64,11 @@ def decode(data, name: str) -> np.ndarray:
 
 
 def _as_pil(image: np.ndarray):
-    from PIL import Image
     return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
     """`image` as size x size (bilinear, antialiased); unchanged if it already is."""
-    from PIL import Image
-
     if image.shape[:2] == (size, size):
         return image
     return np.asarray(_as_pil(image).resize((size, size), Image.BILINEAR))
@@ -120,8 +116,6 @@ def inception_crop_box(rng: np.random.Generator, height: int, width: int, scale=
 
 def inception_augment_host(rng: np.random.Generator, image: np.ndarray, size: int) -> np.ndarray:
     """Random-resized crop to size x size (bilinear, antialiased), then a random horizontal flip."""
-    from PIL import Image
-
     top, left, h, w = inception_crop_box(rng, *image.shape[:2])
     out = np.asarray(_as_pil(image).resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)))
     return np.ascontiguousarray(out[:, ::-1]) if rng.random() < 0.5 else out
@@ -129,8 +123,6 @@ def inception_augment_host(rng: np.random.Generator, image: np.ndarray, size: in
 
 def center_crop_host(image: np.ndarray, size: int, crop_fraction: float) -> np.ndarray:
     """Evaluation view: shorter side resized to size / crop_fraction, then the central size x size."""
-    from PIL import Image
-
     h, w = image.shape[:2]
     short = int(round(size / crop_fraction))
     scale = short / min(h, w)
@@ -181,11 +173,6 @@ def cifar_augment(rng, images, pad_mode: str = 'zero'):
     crop_rng, flip_rng = jax.random.split(rng)
     offsets = jax.random.randint(crop_rng, (images.shape[0], 2), 0, 2 * CIFAR_PAD + 1)
     return cifar_crop_flip(images, offsets, jax.random.bernoulli(flip_rng, 0.5, (images.shape[0],)), pad_mode)
-
-
-def on_device(config) -> str:
-    """The augmentation the train step applies: the in-memory feeds' (the stream feed augments on the host)."""
-    return 'none' if config.data.feed == 'stream' else config.data.augment
 
 
 def mix(rng, x, targets, mixup_alpha: float, cutmix_alpha: float):

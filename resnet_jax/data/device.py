@@ -21,6 +21,7 @@ from resnet_jax.sharding import BATCH_AXES, batch_sharding
 
 
 def num_shards(mesh: Mesh) -> int:
+    """The number of data shards of `mesh` (its batch axes together): each holds its own slice of the dataset."""
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 

@@ -26,9 +26,12 @@ import os
 import threading
 import time
 
+import jax
 import numpy as np
+from absl import flags
 
 from resnet_jax.data import arrays, augment, sources
+from resnet_jax.data import device as device_data
 
 STATS_SAMPLE = 1024  # images from which a streamed dataset's channel mean/std are estimated
 
@@ -95,6 +98,7 @@ class BatchIterator:
         return batch
 
     def get_state(self) -> dict:
+        """The position (step, skipped records) and what defines the order, as JSON for a checkpoint."""
         return dict(self.order, step=self.step, skipped=self.skipped)
 
     def set_state(self, state: dict, allow_order_change: bool = False) -> None:
@@ -115,16 +119,12 @@ def train_iterator(config, source, mesh=None, start_step: int = 0, process_index
                    process_count: int | None = None) -> BatchIterator:
     """This process's training batches from `start_step` on; for the 'device' feed, the uploaded
     dataset itself at every step (the step draws its batch from it)."""
-    import jax
-
     d, batch = config.data, config.batch_size
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     order = {'dataset': d.dataset, 'split': d.train_split, 'subset': d.train_subset, 'feed': d.feed,
              'seed': config.seed, 'global_batch': batch, 'num_examples': len(source)}
     if d.feed == 'device':
-        from resnet_jax.data import device as device_data
-
         order['shards'] = device_data.num_shards(mesh)
         dataset = device_data.put(source, mesh, config.seed)
         return BatchIterator(lambda start: itertools.repeat(dataset), order, start_step)
@@ -206,7 +206,6 @@ def _grain_batches(record, start: int, stop: int | None, local_batch: int, worke
     threads = 2 if workers else min(16, max(2, os.cpu_count() or 1))
     stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
     if workers:
-        from absl import flags
         if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside an absl app, take the defaults
             flags.FLAGS.mark_as_parsed()
         stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_end_with_parent)

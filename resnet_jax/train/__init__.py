@@ -1,1 +1,1 @@
-"""Training: configs, optimizers, sharding, the pure steps, the loop and its metrics."""
+"""Training: the config, optimizer, state and pure steps; the run builder (`run`), the cadence shared by the loop and the linear probe, MFU and metrics."""

@@ -28,7 +28,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from resnet_jax import distributed  # noqa: E402
 from resnet_jax.checkpoint import CheckpointError  # noqa: E402
-from resnet_jax.train.loop import NonFiniteError, Preempted, train_and_evaluate  # noqa: E402
+from resnet_jax.train.cadence import NonFiniteError, Preempted  # noqa: E402
+from resnet_jax.train.loop import train_and_evaluate  # noqa: E402
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file, e.g. experiments/cifar10.py:resnet56')
 WORKDIR = flags.DEFINE_string('workdir', None, 'where the run keeps its config, metrics, checkpoints and plots')
@@ -37,6 +38,7 @@ RESTART = flags.DEFINE_bool('restart_from_scratch', False, 'when every checkpoin
 flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
+    """Train, turning each way a run can stop into its exit code (module docstring)."""
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     workdir_lib.quiet_terminal(WORKDIR.value)

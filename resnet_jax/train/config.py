@@ -8,14 +8,14 @@ the field and what is allowed, before any data is loaded or anything is traced. 
 checks its own section next to the code that implements it (the choice lists live there too):
 
     model               resnet_jax.models.registry.check_config
-    data                resnet_jax.data.sources / resnet_jax.data.augment .check_config
+    data                resnet_jax.data.sources / augment / feed .check_config
     optim (schedule)    resnet_jax.train.optim.check_config / check_schedule
     finetune            resnet_jax.train.finetune.check_config
     checkpoint, init    resnet_jax.checkpoint.check_config
     mesh                resnet_jax.sharding.check_config
 
 and `validate` composes them with the checks that span sections: value ranges (one table, `RANGES`),
-the feed, and the batch against the mesh. The resolved config is stored with a run as JSON
+and the batch against the mesh and the feed. The resolved config is stored with a run as JSON
 (`write_resolved`, `load_resolved`), and a resumed run may differ from it only in SAFE_TO_CHANGE.
 """
 
@@ -34,12 +34,12 @@ from ml_collections import config_dict
 from resnet_jax import checkpoint, sharding
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.data import augment, sources
+from resnet_jax.data import feed as feed_lib
 from resnet_jax.errors import ConfigError, check_field_choice, close_matches, refuse
 from resnet_jax.models import registry
 from resnet_jax.models.design import BlockDesign
 from resnet_jax.train import finetune, optim
 
-FEEDS = ('host', 'device', 'stream')
 NONFINITE = ('stop', 'skip')
 # Fields a resumed run may change without --config.resume_allow_changes: they do not alter what
 # is computed (num_steps/num_epochs extend or shorten the run, and change schedules that depend on it).
@@ -253,7 +253,7 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
     check_field_choice('nonfinite', config.nonfinite, NONFINITE)
     sources.check_config(config)
     augment.check_config(config)
-    _check_feed(config.data)
+    feed_lib.check_config(config)
     optim.check_config(config, model)
     finetune.check_config(config, model)
     checkpoint.check_config(config)
@@ -271,9 +271,7 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
                                       f'or a multiple of it that divides {config.batch_size} (groups of whole shards)')
 
     if num_train is not None:
-        if config.data.feed == 'device' and config.batch_size > num_train // shards * shards:
-            refuse('batch_size', f"{config.batch_size} exceeds the {num_train // shards * shards} examples that "
-                                 f"data.feed='device' holds over {shards} shards; use a smaller batch or data.feed='host'")
+        feed_lib.check_fits(config, num_train, shards)
         optim.check_schedule(config, num_train)
 
 
@@ -310,20 +308,6 @@ def _describe(interval: str) -> str:
     if interval.endswith(', inf)'):
         return f'{">" if interval[0] == "(" else ">="} {interval[1:].split(",")[0]}'
     return f'in {interval}'
-
-
-def _check_feed(d) -> None:
-    """data.feed, and what the other data fields need of it."""
-    check_field_choice('data.feed', d.feed, FEEDS)
-    if d.augment == 'inception' and d.feed != 'stream':
-        refuse('data.augment', "'inception' crops variable-size images on the host; it needs data.feed='stream'")
-    if d.feed == 'stream' and importlib.util.find_spec('grain') is None:
-        refuse('data.feed', "'stream' reads through Grain, which is not installed: pip install grain")
-    in_memory = "needs an in-memory feed (data.feed 'host' or 'device'); the 'stream' feed"
-    if d.normalize == 'per_pixel_mean' and d.feed == 'stream':
-        refuse('data.normalize', f"'per_pixel_mean' {in_memory} would have to read every training image first")
-    if d.pad_after_normalize and d.feed == 'stream':
-        refuse('data.pad_after_normalize', f'{in_memory} crops uint8 images on the host, before normalising')
 
 
 def check_resume(stored: dict, config) -> None:

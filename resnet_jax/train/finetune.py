@@ -33,6 +33,7 @@ import optax
 
 from resnet_jax.errors import check_field_choice, check_field_regex, refuse
 from resnet_jax.models.resnet import BatchNorm
+from resnet_jax.train.state import create_state
 
 FREEZE_BATCH_STATS = ('none', 'frozen', 'all')
 HEAD = 'params/head/'
@@ -140,9 +141,7 @@ def train_apply(model, config):
 def variable_names(model, image_size: int) -> dict[str, list[str]]:
     """{'params': [...], 'batch_stats': [...]} path names of `model`'s variables, from an abstract
     init (no compilation), for checking a config against the parameters it names."""
-    from resnet_jax.train import step
-
-    state = jax.eval_shape(functools.partial(step.create_state, model, optax.identity(), image_size=image_size,
+    state = jax.eval_shape(functools.partial(create_state, model, optax.identity(), image_size=image_size,
                                              ema=False), jax.random.key(0))
     return {'params': path_names(state.params), 'batch_stats': path_names(state.batch_stats, 'batch_stats/')}
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
+from tensorboardX import SummaryWriter
 
 from resnet_jax.workdir import (
     CURVES_FILE,
@@ -60,9 +61,6 @@ class MetricWriter:
         self._tensorboard = None
         if not enabled:
             return
-        # Imported here so that importing this module stays cheap (tensorboardX pulls in protobuf).
-        from tensorboardX import SummaryWriter
-
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'ab', buffering=0)  # one write() per line
         self._tensorboard = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
@@ -98,6 +96,13 @@ class MetricWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def means(totals: Mapping[str, object], prefix: str) -> dict[str, float]:
+    """'<prefix>/<name>' means from evaluation sums (`step.eval_sums`, on the host): each sum over the
+    count, divided once after every batch and process has been added."""
+    count = float(totals['count'])
+    return {f'{prefix}/{k}': float(v) / count for k, v in totals.items() if k != 'count'}
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:

@@ -26,12 +26,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resnet_jax.data import feed as feed_lib
 from resnet_jax.data import pipeline
 from resnet_jax.errors import ConfigError, refuse
 from resnet_jax.models import registry
 from resnet_jax.models.design import MEMBER_FIELDS, split_member
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import optim
+from resnet_jax.train import state as state_lib
 from resnet_jax.train import step as step_lib
 
 # The optimizer fields a member may set (warm-up in steps or epochs: it becomes steps either way).
@@ -155,15 +157,16 @@ class Population:
         self.values = member_values(self.configs, model_values, num_train)
         self.mean, self.std = pipeline.normalization(lead, self.train_data)
         ema = any(c.optim.ema_decay > 0 for c in self.configs)
+        to_batch = feed_lib.make(lead, self.mesh).to_batch  # the host feed's: the batch as it is
 
         def init(rng, values):
             optimizer = optim.make_optimizer(lead, num_train, values['optim'])
-            return step_lib.create_state(self.model, optimizer, rng, lead.data.image_size, ema, values['model'])
+            return state_lib.create_state(self.model, optimizer, rng, lead.data.image_size, ema, values['model'])
 
         def member_step(state, batch, rng, values):
             optimizer = optim.make_optimizer(lead, num_train, values['optim'])
             return step_lib.train_step(state, batch, rng, model=self.model, optimizer=optimizer, config=lead,
-                                       mean=self.mean, std=self.std, member=values)
+                                       mean=self.mean, std=self.std, to_batch=to_batch, member=values)
 
         self.member_sharding = NamedSharding(self.mesh, P('member'))
         self.batch_sharding = NamedSharding(self.mesh, P(*AXES))
@@ -190,7 +193,7 @@ class Population:
         return jnp.asarray([c.seed for c in self.configs], jnp.int32)
 
     def initial_states(self):
-        """Every member's fresh state, from its seed as a standalone run draws it (`loop.Run.initial_state`)."""
+        """Every member's fresh state, from its seed as a standalone run draws it (`run.Run.initial_state`)."""
         keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), -1 % 2 ** 31))(self.seeds)
         return self._init(keys, self.device_values())
 

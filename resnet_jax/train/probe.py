@@ -15,7 +15,6 @@ started again in its workdir continues from its newest checkpoint.
 from __future__ import annotations
 
 import functools
-import json
 import time
 
 import flax.linen as nn
@@ -26,11 +25,11 @@ import optax
 
 from resnet_jax import sharding
 from resnet_jax.data import arrays, augment, pipeline
-from resnet_jax.train import config as config_lib
+from resnet_jax.train import cadence
 from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train import step as step_lib
-from resnet_jax.train.loop import NonFiniteError, Run
-from resnet_jax.workdir import mark_done
+from resnet_jax.train.run import Run
+from resnet_jax.train.state import create_state
 
 
 def head_module(model, image_size: int) -> nn.Module:
@@ -44,7 +43,7 @@ def head_module(model, image_size: int) -> nn.Module:
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(capture):
-        jax.eval_shape(functools.partial(step_lib.create_state, model, optax.identity(), image_size=image_size,
+        jax.eval_shape(functools.partial(create_state, model, optax.identity(), image_size=image_size,
                                          ema=False), jax.random.key(0))
     return found['head']
 
@@ -100,90 +99,47 @@ def probe_step(state, data, indices, *, head, optimizer, config, num_classes: in
 
 
 def probe_eval(head_params, data, *, head, num_classes: int) -> dict[str, jax.Array]:
-    """Sums of the loss, top-1 and top-5 of the head over the cached evaluation features, and the count
-    (padding masked), as `step.eval_step` returns them."""
+    """`step.eval_sums` of the head over the cached evaluation features (padding masked)."""
     logits = head.apply({'params': head_params}, data['features']).astype(jnp.float32)
-    labels, mask = data['label'], data['mask']
-    k = min(5, num_classes)
-    return {'loss': (step_lib.cross_entropy(logits, labels, num_classes) * mask).sum(),
-            'top1': (step_lib.topk_correct(logits, labels, 1) * mask).sum(),
-            'top5': (step_lib.topk_correct(logits, labels, k) * mask).sum(), 'count': mask.sum()}
+    return step_lib.eval_sums(logits, data['label'], data['mask'], num_classes)
 
 
-def _means(totals, prefix: str = 'eval') -> dict[str, float]:
-    """<prefix>/* means from `probe_eval`'s sums, divided on the host as `Run.evaluate` divides them."""
-    totals = jax.device_get(totals)
-    count = float(totals.pop('count'))
-    return {f'{prefix}/{k}': float(v) / count for k, v in totals.items()}
-
-
-def train_head(run: Run, state, manager, workdir: str) -> dict[str, float]:
-    """The linear probe of `run` from `state` (a new run's first state or a restored one); returns
-    the final metrics. Writes metrics, checkpoints and the done marker as the training loop does."""
-    config, lead = run.config, jax.process_index() == 0
+def train_head(run: Run, restored, manager, writer, workdir: str, signals, own_signals: bool) -> dict[str, float]:
+    """The linear probe of `run` from `restored` (None: a new run, from its first state); returns the
+    final metrics. Supplies its step and evaluation to `cadence.run_steps`, which writes metrics,
+    checkpoints and the done marker as for the full training."""
+    config = run.config
+    state = run.first_state() if restored is None else restored.state
     start = int(jax.device_get(state.step))
-    writer = metrics_lib.MetricWriter(workdir, enabled=lead)
-    progress = metrics_lib.ProgressLogger(run.num_steps, config.progress_seconds,
-                                          print_fn=functools.partial(print, flush=True) if lead else (lambda *_: None))
-    try:
-        t0 = time.perf_counter()
-        train = features(run, state, run.train_data)
-        # The test split as 'eval/*' and the held-out training examples (data.validation_split) as 'val/*'.
-        evaluation = {prefix: features(run, state, data) for prefix, data in
-                      (('eval', run.eval_data), ('val', run.val_data)) if data is not None}
-        jax.block_until_ready((train, evaluation))
-        writer.write(start, {'probe/feature_seconds': time.perf_counter() - t0,
-                             'probe/feature_dim': train['features'].shape[-1]})
-        head, classes = head_module(run.model, config.data.image_size), run.model.num_classes
-        data, repl = sharding.batch_sharding(run.mesh), sharding.replicated(run.mesh)
-        step_fn = jax.jit(functools.partial(probe_step, head=head, optimizer=run.optimizer, config=config,
-                                            num_classes=classes),
-                          in_shardings=(run.state_sharding, data, repl), out_shardings=(run.state_sharding, repl),
-                          donate_argnums=0)
-        eval_fn = jax.jit(functools.partial(probe_eval, head=head, num_classes=classes))
+    t0 = time.perf_counter()
+    train = features(run, state, run.train_data)
+    # The test split as 'eval/*' and the held-out training examples (data.validation_split) as 'val/*'.
+    evaluation = {prefix: features(run, state, data) for prefix, data in
+                  (('eval', run.eval_data), ('val', run.val_data)) if data is not None}
+    jax.block_until_ready((train, evaluation))
+    writer.write(start, {'probe/feature_seconds': time.perf_counter() - t0,
+                         'probe/feature_dim': train['features'].shape[-1]})
+    head, classes = head_module(run.model, config.data.image_size), run.model.num_classes
+    data, repl = sharding.batch_sharding(run.mesh), sharding.replicated(run.mesh)
+    step_fn = jax.jit(functools.partial(probe_step, head=head, optimizer=run.optimizer, config=config,
+                                        num_classes=classes),
+                      in_shardings=(run.state_sharding, data, repl), out_shardings=(run.state_sharding, repl),
+                      donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(probe_eval, head=head, num_classes=classes))
 
-        def evaluate(state):
-            return {k: v for prefix, data in evaluation.items()
-                    for k, v in _means(eval_fn(state.params['head'], data), prefix).items()}
+    def evaluate(state):
+        return {k: v for prefix, data in evaluation.items()
+                for k, v in metrics_lib.means(jax.device_get(eval_fn(state.params['head'], data)), prefix).items()}
 
-        num_train = len(run.train_data)
-        final, pending, skipped = {}, [], 0
-        for step in range(start, run.num_steps):
-            indices = arrays.train_indices(num_train, config.batch_size, config.seed, step).astype(np.int32)
-            state, metrics = step_fn(state, train, indices)
-            pending.append(metrics)
-            done = step + 1
-            last = done == run.num_steps
-            if done % config.log_every_steps == 0 or last:
-                pending = jax.device_get(pending)
-                flags = [float(m.pop('train/nonfinite')) for m in pending]
-                if config.nonfinite == 'stop' and any(flags):
-                    raise NonFiniteError(f'non-finite loss or gradient of the probe at step '
-                                         f'{done - len(flags) + flags.index(1.0)}; its update was not applied')
-                skipped += int(sum(flags))
-                values = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
-                values.update({'train/lr': float(run.schedule(done - 1)), 'train/skipped_updates': skipped})
-                writer.write(done, values)
-                progress.maybe_log(done, values)
-                final.update(values)
-                pending = []
-            results = None
-            if done % config.eval_every_steps == 0 or last:
-                results = evaluate(state)
-                writer.write(done, results)
-                if lead:
-                    print(f'step {done}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()), flush=True)
-                final.update(results)
-            if done % config.checkpoint_every_steps == 0 or last:
-                meta = {'config': json.loads(config_lib.to_json(config)), 'metrics': final, 'skipped_updates': skipped}
-                manager.save(done, state, {'step': done}, meta, metrics=results)  # the order is (seed, step)
-        if start >= run.num_steps:  # a finished probe: report, change nothing
-            final = evaluate(state)
-            writer.write(run.num_steps, final)
-    finally:
-        manager.close()
-        writer.close()
-    if lead:
-        metrics_lib.plot_curves(workdir)
-        mark_done(workdir, run.num_steps, final)
-    return final
+    if start >= run.num_steps:
+        return cadence.finish_done(run, state, writer, workdir, evaluate)
+    num_train = len(run.train_data)
+
+    def step(state, index: int):
+        indices = arrays.train_indices(num_train, config.batch_size, config.seed, index).astype(np.int32)
+        return step_fn(state, train, indices)
+
+    # The data order is a function of (seed, step): the step is all a checkpoint needs of it.
+    steps = cadence.Steps(step=step, evaluate=evaluate, data_state=lambda done: {'step': done},
+                          skipped_updates=restored.meta.get('skipped_updates', 0) if restored else 0)
+    return cadence.run_steps(run, state, start, steps, manager, writer, workdir, signals, own_signals)

@@ -1,46 +1,29 @@
-"""The train state and the pure train and eval steps.
+"""The pure train and eval steps, and their compilation over a mesh.
 
-`train_step(state, batch, rng) -> (state, metrics)` and `eval_step(state, batch)` are plain
-functions of arrays; `compile_steps` wraps them in `jax.jit` with the mesh's shardings and
-donates the state. Every random draw of step t (augmentation, dropout, drop-path) comes from
+`train_step(state, inputs, rng, *, to_batch, ...) -> (state, metrics)` and `eval_step(state, batch)`
+are plain functions of arrays; `to_batch` (from the feed, `resnet_jax.data.feed`) turns the step's
+input into its batch. `compile_steps` wraps them in `jax.jit` with the mesh's shardings and donates
+the state. Every random draw of step t (augmentation, dropout, drop-path) comes from
 `fold_in(rng, t)`, so a run is a function of its seed and the data order alone.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 
 from resnet_jax import sharding
 from resnet_jax.data import augment
-from resnet_jax.data import device as device_data
+from resnet_jax.data import feed as feed_lib
 from resnet_jax.train import finetune
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    ema_params: Any  # None unless optim.ema_decay > 0
-
-
-def create_state(model, optimizer, rng, image_size: int, ema: bool, member=None) -> TrainState:
-    """A fresh state; `member`: a population member's model values, which gate initialisers read."""
-    variables = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), member=member)
-    params = variables['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get('batch_stats', {}), opt_state=optimizer.init(params),
-                      ema_params=params if ema else None)
+from resnet_jax.train.state import TrainState
 
 
 def cross_entropy(logits, labels, num_classes: int):
+    """Per-example softmax cross-entropy against integer labels (the loss every evaluation reports)."""
     return optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, num_classes))
 
 
@@ -56,7 +39,7 @@ def preprocess(rng, batch, config, num_classes: int, mean, std, label_smoothing=
     mixup/CutMix. label_smoothing: a population member's (traced), applied even at 0, where it changes
     nothing; None: config.optim's."""
     d = config.data
-    crop = augment.on_device(config) == 'cifar'
+    crop = feed_lib.step_augmentation(config) == 'cifar'
     images = augment.cifar_augment(rng, batch['image'], d.pad_mode) if crop and not d.pad_after_normalize \
         else batch['image']
     x = augment.normalize(images, mean, std)
@@ -72,10 +55,13 @@ def preprocess(rng, batch, config, num_classes: int, mean, std, label_smoothing=
     return x, targets
 
 
-def train_step(state: TrainState, batch, rng, *, model, optimizer, config, mean, std, member=None):
-    """One update. member: a population member's traced values (train.population), {'model': the model's
-    `member` hook values, 'optim': its 'label_smoothing' and 'ema_decay' among others}; the optimizer is
-    then that member's too. None: the config's values, as a standalone run."""
+def train_step(state: TrainState, inputs, rng, *, model, optimizer, config, mean, std, to_batch, member=None):
+    """One SGD update on the batch `to_batch(inputs, state.step)`, returning the new state and the
+    step's metrics; a non-finite loss or gradient leaves the state unchanged, so no NaN is ever saved.
+    member: a population member's traced values (train.population), {'model': the model's `member` hook
+    values, 'optim': its 'label_smoothing' and 'ema_decay' among others}; the optimizer is then that
+    member's too. None: the config's values, as a standalone run."""
+    batch = to_batch(inputs, state.step)
     step_rng = jax.random.fold_in(rng, state.step)
     augment_rng, dropout_rng = jax.random.split(step_rng)
     hyper = None if member is None else member['optim']
@@ -108,37 +94,34 @@ def train_step(state: TrainState, batch, rng, *, model, optimizer, config, mean,
     return guarded.replace(step=state.step + 1), metrics
 
 
-def eval_step(state: TrainState, batch, use_ema: bool = False, *, model, mean, std):
-    """Sums over the real examples of a batch; padding rows carry mask 0 and count for nothing."""
-    params = state.ema_params if use_ema else state.params
-    logits = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                         augment.normalize(batch['image'], mean, std), train=False)
-    labels, mask = batch['label'], batch['mask']
-    k = min(5, logits.shape[-1])
-    return {'loss': (cross_entropy(logits, labels, model.num_classes) * mask).sum(),
+def eval_sums(logits, labels, mask, num_classes: int) -> dict[str, jax.Array]:
+    """Sums of the loss, top-1 and top-5 over the real examples (mask 1), and their count; sums, so
+    that batches and processes add up before `metrics.means` divides once."""
+    k = min(5, num_classes)
+    return {'loss': (cross_entropy(logits, labels, num_classes) * mask).sum(),
             'top1': (topk_correct(logits, labels, 1) * mask).sum(),
             'top5': (topk_correct(logits, labels, k) * mask).sum(),
             'count': mask.sum()}
 
 
-def device_fed_train_step(state: TrainState, dataset, rng, *, mesh, config, **step_args):
-    """`train_step` on batch `state.step` drawn from the device-resident `dataset` inside the step."""
-    batch = device_data.batch_at(dataset, config.seed, state.step, config.batch_size, mesh)
-    return train_step(state, batch, rng, config=config, **step_args)
+def eval_step(state: TrainState, batch, use_ema: bool = False, *, model, mean, std):
+    """Sums over the real examples of a batch; padding rows carry mask 0 and count for nothing."""
+    params = state.ema_params if use_ema else state.params
+    logits = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                         augment.normalize(batch['image'], mean, std), train=False)
+    return eval_sums(logits, batch['label'], batch['mask'], model.num_classes)
 
 
-def compile_steps(model, optimizer, config, mesh, state_shapes, mean, std):
+def compile_steps(model, optimizer, config, mesh, state_shapes, mean, std, to_batch):
     """jit-compiled (train_step, eval_step, state shardings) over `mesh`; the state is donated.
 
-    With `data.feed == 'device'` the train step's second argument is the device-resident
-    dataset from `data.device.put` instead of a batch.
+    The train step's second argument is what the feed's `next_input()` returns; `to_batch`
+    (the feed's) turns it into the batch inside the step.
     """
     state_sharding = sharding.state_shardings(mesh, state_shapes, config)
     data, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    step_fn = functools.partial(train_step, model=model, optimizer=optimizer, config=config, mean=mean, std=std)
-    if config.data.feed == 'device':
-        step_fn = functools.partial(device_fed_train_step, mesh=mesh, model=model, optimizer=optimizer,
-                                    config=config, mean=mean, std=std)
+    step_fn = functools.partial(train_step, model=model, optimizer=optimizer, config=config, mean=mean, std=std,
+                                to_batch=to_batch)
     train = jax.jit(step_fn, in_shardings=(state_sharding, data, repl), out_shardings=(state_sharding, repl),
                     donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, model=model, mean=mean, std=std),
