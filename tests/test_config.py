@@ -1,5 +1,6 @@
 """Bad configs fail before compilation with a message naming the field and what is allowed."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,24 @@ def test_resolved_config_round_trips_through_json(tmp_path):
     c = parse('--config.model.stage_sizes=(2,2,2)', '--config.mesh.param_rules=((".*kernel","fsdp"),)')
     config_lib.write_resolved(c, str(tmp_path))
     assert config_lib.load_resolved(str(tmp_path)).to_dict() == c.to_dict()
+
+
+def test_a_workdir_with_the_flat_field_names_of_before_their_sections_is_read_in_todays_names(tmp_path):
+    """A run recorded before fields were grouped into log/eval/checkpoint/init (config.RENAMED) still
+    evaluates and resumes: its config.json reads as today's config, and check_resume sees no change."""
+    c = parse('--config.checkpoint.keep=5', '--config.init.head=replace',
+              '--config.checkpoint.resume_allow_changes=("init.source","optim.lr")')
+    stored, flat_name = json.loads(config_lib.to_json(c)), {new: old for old, new in config_lib.RENAMED.items()}
+    for old, new in config_lib.RENAMED.items():
+        section, field = new.split('.')
+        stored[old] = stored[section].pop(field)
+    allowed = flat_name['checkpoint.resume_allow_changes']
+    stored[allowed] = [flat_name.get(name, name) for name in stored[allowed]]  # as an older run named them
+    stored = {key: value for key, value in stored.items() if value != {}}
+    assert 'log' not in stored and stored[flat_name['checkpoint.keep']] == 5
+    (tmp_path / 'config.json').write_text(json.dumps(stored))
+    assert config_lib.load_resolved(str(tmp_path)).to_dict() == c.to_dict()
+    config_lib.check_resume(stored, c)
 
 
 @pytest.mark.parametrize('overrides, message', [

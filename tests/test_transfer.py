@@ -148,7 +148,7 @@ def test_bad_fine_tuning_configs_fail_naming_the_problem(source, monkeypatch):
         ({'finetune.freeze_batch_stats': 'some'}, r"config.finetune.freeze_batch_stats: .*'none', 'frozen', 'all'"),
         ({'finetune.layer_lr_decay': 0.0}, r'config.finetune.layer_lr_decay: must be in \(0, 1\]'),
         ({'finetune.linear_probe': True, 'finetune.freeze': FROZEN}, r'config.finetune.freeze: .* does not apply to'),
-        ({'init_head': 'new'}, r"config.init_head: init_head='new' is not allowed; choose one of: 'keep', 'replace'"),
+        ({'init_head': 'new'}, r"config.init.head: head='new' is not allowed; choose one of: 'keep', 'replace'"),
     ]:
         with pytest.raises(ConfigError, match=message):
             validate(tiny_config(**overrides), 1)
