@@ -43,12 +43,12 @@ from resnet_jax.train import finetune, optim
 
 FEEDS = ('host', 'device', 'stream')
 NONFINITE = ('stop', 'skip')
-# Fields a resumed run may change without --config.resume_allow_changes: they do not alter what
+# Fields a resumed run may change without --config.checkpoint.resume_allow_changes: they do not alter what
 # is computed (num_steps/num_epochs extend or shorten the run, and change schedules that depend on it).
-SAFE_TO_CHANGE = ('log_every_steps', 'progress_seconds', 'eval_every_steps', 'eval_batch_size',
-                  'checkpoint_every_steps', 'keep_checkpoints', 'keep_best_checkpoints', 'best_metric', 'best_mode',
-                  'peak_tflops_per_device', 'data.workers', 'num_steps', 'num_epochs', 'resume_allow_changes',
-                  'init_from', 'init_head')
+SAFE_TO_CHANGE = ('log.every_steps', 'log.progress_seconds', 'eval.every_steps', 'eval.batch_size',
+                  'checkpoint.every_steps', 'checkpoint.keep', 'checkpoint.keep_best', 'checkpoint.best_metric', 'checkpoint.best_mode',
+                  'log.peak_tflops_per_device', 'data.workers', 'num_steps', 'num_epochs', 'checkpoint.resume_allow_changes',
+                  'init.source', 'init.head')
 # The flat names of fields that now live in a section. A workdir written before the grouping (its
 # config.json or a checkpoint's metadata) is read with them moved, so a run killed then still resumes.
 RENAMED = {
@@ -64,10 +64,10 @@ RENAMED = {
 # design fields are checked by the model itself, and every float of the config must be finite. One table
 # for every section: the ranges are data, checked and phrased the same way whichever subsystem owns them.
 RANGES = {
-    'batch_size': '[1, inf)', 'eval_batch_size': '[1, inf)', 'num_steps': '[1, inf)', 'num_epochs': '(0, inf)',
-    'seed': '[0, 2147483648)', 'log_every_steps': '[1, inf)', 'progress_seconds': '[0, inf)',
-    'eval_every_steps': '[1, inf)', 'checkpoint_every_steps': '[1, inf)', 'keep_checkpoints': '[1, inf)',
-    'keep_best_checkpoints': '[0, inf)', 'peak_tflops_per_device': '(0, inf)',
+    'batch_size': '[1, inf)', 'eval.batch_size': '[1, inf)', 'num_steps': '[1, inf)', 'num_epochs': '(0, inf)',
+    'seed': '[0, 2147483648)', 'log.every_steps': '[1, inf)', 'log.progress_seconds': '[0, inf)',
+    'eval.every_steps': '[1, inf)', 'checkpoint.every_steps': '[1, inf)', 'checkpoint.keep': '[1, inf)',
+    'checkpoint.keep_best': '[0, inf)', 'log.peak_tflops_per_device': '(0, inf)',
     'data.image_size': '[1, inf)', 'data.train_subset': '[0, inf)', 'data.eval_crop_fraction': '(0, 1]',
     'data.mixup_alpha': '[0, inf)', 'data.cutmix_alpha': '[0, inf)', 'data.mean': '[0, 1]', 'data.std': '(0, inf)',
     'data.workers': '[0, inf)', 'data.validation_split': '[0, inf)', 'data.num_train': '[1, inf)', 'data.num_eval': '[1, inf)',
@@ -182,7 +182,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()  # see resnet_jax/checkpoint.py
     c.checkpoint.every_steps = 1000
     c.checkpoint.keep = 3              # the newest K are kept ...
-    c.checkpoint.keep_best = 0         # ... and the best K by best_metric (0: off)
+    c.checkpoint.keep_best = 0         # ... and the best K by checkpoint.best_metric (0: off)
     c.checkpoint.best_metric = 'eval/top1'
     c.checkpoint.best_mode = 'max'
     c.checkpoint.resume_allow_changes = ()  # fields allowed to differ from the stored config on resume
@@ -271,7 +271,7 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
     `num_train` (the training set's size) the step counts that depend on it are checked too."""
     _check_ranges(config)
     model = registry.check_config(config)
-    check_field_choice('nonfinite', config.nonfinite, NONFINITE)
+    check_field_choice('optim.nonfinite', config.optim.nonfinite, NONFINITE)
     sources.check_config(config)
     augment.check_config(config)
     _check_feed(config.data)
@@ -281,7 +281,7 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
 
     data, fsdp = sharding.check_config(config, num_devices)
     shards = data * fsdp
-    for field in ('batch_size', 'eval_batch_size'):
+    for field in ('batch_size', 'eval.batch_size'):
         if config[field] % shards:
             refuse(field, f'{config[field]} is not divisible by the {shards} data shards '
                           f'(mesh data={data} x fsdp={fsdp}); use a multiple of {shards}')
@@ -300,7 +300,7 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
 
 def _check_ranges(config) -> None:
     """Every float finite, every field of RANGES inside its range, every name in
-    resume_allow_changes a field."""
+    checkpoint.resume_allow_changes a field."""
     flat = _flatten(config.to_dict())
     for field, value in flat.items():
         for v in value if isinstance(value, (tuple, list)) else (value,):
@@ -314,9 +314,9 @@ def _check_ranges(config) -> None:
     for field in ('optim.boundaries', 'optim.boundary_epochs'):
         if list(flat[field]) != sorted(set(flat[field])):
             refuse(field, f'must be strictly increasing, got {flat[field]!r}')
-    for name in config.resume_allow_changes:
+    for name in config.checkpoint.resume_allow_changes:
         if name not in flat:
-            refuse('resume_allow_changes', f'{name!r} is not a config field.{close_matches(name, flat)}')
+            refuse('checkpoint.resume_allow_changes', f'{name!r} is not a config field.{close_matches(name, flat)}')
 
 
 def _in_range(value, interval: str) -> bool:
@@ -349,15 +349,15 @@ def _check_feed(d) -> None:
 
 def check_resume(stored: dict, config) -> None:
     """Refuse to continue a run whose stored config (`stored`, as JSON) differs from `config` in a
-    field that changes what is computed, unless config.resume_allow_changes lists it."""
+    field that changes what is computed, unless config.checkpoint.resume_allow_changes lists it."""
     old, new = _regrouped(stored), _flatten(json.loads(to_json(config)))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    allowed = set(SAFE_TO_CHANGE) | set(config.resume_allow_changes)
+    allowed = set(SAFE_TO_CHANGE) | set(config.checkpoint.resume_allow_changes)
     refused = [k for k in changed if k not in allowed]
     if refused:
         raise ConfigError('the workdir holds checkpoints of a run with a different config: ' + '; '.join(
             f'{k} was {old.get(k)!r}, now {new.get(k)!r}' for k in refused) + '. Use another --workdir, or '
-            f"continue anyway with --config.resume_allow_changes=\"{tuple(refused)}\"")
+            f"continue anyway with --config.checkpoint.resume_allow_changes=\"{tuple(refused)}\"")
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:

@@ -37,8 +37,8 @@ PEAK_TFLOPS = {'H200': 989.0, 'H100': 989.0, 'A100': 312.0, 'L4': 121.0, 'V100':
 
 
 def peak_flops_per_device(config) -> float | None:
-    if config.peak_tflops_per_device is not None:
-        return config.peak_tflops_per_device * 1e12
+    if config.log.peak_tflops_per_device is not None:
+        return config.log.peak_tflops_per_device * 1e12
     kind = jax.devices()[0].device_kind
     return next((tflops * 1e12 for name, tflops in PEAK_TFLOPS.items() if name in kind), None)
 
@@ -92,15 +92,15 @@ class Run:
 
     def first_state(self):
         """The state a new run starts from: `initial_state`, or for fine-tuning the weights of
-        config.init_from (read and checked before anything is compiled) with a fresh optimizer."""
+        config.init.source (read and checked before anything is compiled) with a fresh optimizer."""
         config = self.config
-        if not config.init_from:
+        if not config.init.source:
             return self.initial_state()
         try:
-            loaded = checkpoint.warm_start(config.init_from, self.model, self.abstract_state.params,
-                                           self.abstract_state.batch_stats, config.init_head)
+            loaded = checkpoint.warm_start(config.init.source, self.model, self.abstract_state.params,
+                                           self.abstract_state.batch_stats, config.init.head)
         except ValueError as e:
-            raise ConfigError(f'config.init_from: {e}') from None
+            raise ConfigError(f'config.init.source: {e}') from None
         state = self.initial_state()
         params, batch_stats = jax.tree_util.tree_map(  # a replaced head keeps its initialisation
             lambda w, fresh: fresh if isinstance(w, jax.ShapeDtypeStruct) else w, loaded,
@@ -149,7 +149,7 @@ class Preempted(Exception):
 
 
 class NonFiniteError(RuntimeError):
-    """A NaN/Inf loss or gradient under config.nonfinite='stop'; the state holds no NaN."""
+    """A NaN/Inf loss or gradient under config.optim.nonfinite='stop'; the state holds no NaN."""
 
 
 def lock_workdir(workdir: str) -> workdir_lib.Lock | None:
@@ -175,7 +175,7 @@ def train_and_evaluate(config, workdir: str, restart_from_scratch: bool = False)
     """Train `config` in `workdir`, continuing from its newest undamaged checkpoint; return the final metrics.
 
     Holds the workdir's lock throughout (WorkdirBusy if another process has it). Raises Preempted
-    after saving when a stop signal arrives, NonFiniteError on a NaN/Inf with config.nonfinite='stop',
+    after saving when a stop signal arrives, NonFiniteError on a NaN/Inf with config.optim.nonfinite='stop',
     ConfigError when the workdir holds a run with another config, and CheckpointError when a
     checkpoint does not fit or every one is damaged (`restart_from_scratch` then starts over).
     """
@@ -220,14 +220,14 @@ def _train(run: Run, workdir: str, manager: checkpoint.Manager, restored, signal
         state = run.first_state()
     else:
         state, rng = restored.state, jax.random.wrap_key_data(np.asarray(restored.meta['rng'], np.uint32))
-        batches.set_state(restored.data, allow_order_change=bool(config.resume_allow_changes))
+        batches.set_state(restored.data, allow_order_change=bool(config.checkpoint.resume_allow_changes))
         skipped_updates = restored.meta['skipped_updates']
         if restored.data['step'] != restored.step:
             raise ValueError(f'checkpoint {restored.step}: its data iterator is at step {restored.data["step"]}')
     start = int(jax.device_get(state.step))
 
     writer = metrics_lib.MetricWriter(workdir, enabled=lead)
-    progress = metrics_lib.ProgressLogger(run.num_steps, config.progress_seconds,
+    progress = metrics_lib.ProgressLogger(run.num_steps, config.log.progress_seconds,
                                           print_fn=functools.partial(print, flush=True) if lead else (lambda *_: None))
     if start >= run.num_steps:  # a finished run: report, change nothing
         final = run.evaluate(state)
@@ -264,12 +264,12 @@ def _train(run: Run, workdir: str, manager: checkpoint.Manager, restored, signal
         'stop', stop at the first."""
         nonlocal skipped_updates
         flags = [float(m) for m in jax.device_get([m['train/nonfinite'] for m in pending])]
-        if config.nonfinite == 'stop' and any(flags):
+        if config.optim.nonfinite == 'stop' and any(flags):
             bad = done - len(flags) + flags.index(1.0)
             raise NonFiniteError(
                 f'non-finite loss or gradient at step {bad}; its update was not applied. The newest checkpoint '
                 f'({manager.steps()[-1] if manager.steps() else "none yet"}) is intact. Lower the learning rate, '
-                "or skip such updates with --config.nonfinite=skip")
+                "or skip such updates with --config.optim.nonfinite=skip")
         skipped_updates += int(sum(flags))
         for m in pending:
             m['train/nonfinite'] = 0.0  # counted
@@ -295,7 +295,7 @@ def _train(run: Run, workdir: str, manager: checkpoint.Manager, restored, signal
                 jax.block_until_ready(metrics)
             done = step + 1
             last = done == run.num_steps
-            if done % config.log_every_steps == 0 or last:
+            if done % config.log.every_steps == 0 or last:
                 count_nonfinite(done)
                 values = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]
                           if k != 'train/nonfinite'}
@@ -313,7 +313,7 @@ def _train(run: Run, workdir: str, manager: checkpoint.Manager, restored, signal
                 final.update(values)
                 pending, window_start, window_steps, paused = [], time.perf_counter(), 0, 0.0
             results = None
-            if done % config.eval_every_steps == 0 or last:
+            if done % config.eval.every_steps == 0 or last:
                 eval_start = time.perf_counter()
                 results = run.evaluate(state)
                 writer.write(done, results)
@@ -321,7 +321,7 @@ def _train(run: Run, workdir: str, manager: checkpoint.Manager, restored, signal
                     print(f'step {done}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()), flush=True)
                 final.update(results)
                 paused += time.perf_counter() - eval_start
-            saved = done % config.checkpoint_every_steps == 0 or last
+            saved = done % config.checkpoint.every_steps == 0 or last
             if saved:
                 save(done, results)
             stopping = None if last else should_stop(done)

@@ -123,7 +123,7 @@ def train_head(run: Run, state, manager, workdir: str) -> dict[str, float]:
     config, lead = run.config, jax.process_index() == 0
     start = int(jax.device_get(state.step))
     writer = metrics_lib.MetricWriter(workdir, enabled=lead)
-    progress = metrics_lib.ProgressLogger(run.num_steps, config.progress_seconds,
+    progress = metrics_lib.ProgressLogger(run.num_steps, config.log.progress_seconds,
                                           print_fn=functools.partial(print, flush=True) if lead else (lambda *_: None))
     try:
         t0 = time.perf_counter()
@@ -154,10 +154,10 @@ def train_head(run: Run, state, manager, workdir: str) -> dict[str, float]:
             pending.append(metrics)
             done = step + 1
             last = done == run.num_steps
-            if done % config.log_every_steps == 0 or last:
+            if done % config.log.every_steps == 0 or last:
                 pending = jax.device_get(pending)
                 flags = [float(m.pop('train/nonfinite')) for m in pending]
-                if config.nonfinite == 'stop' and any(flags):
+                if config.optim.nonfinite == 'stop' and any(flags):
                     raise NonFiniteError(f'non-finite loss or gradient of the probe at step '
                                          f'{done - len(flags) + flags.index(1.0)}; its update was not applied')
                 skipped += int(sum(flags))
@@ -168,13 +168,13 @@ def train_head(run: Run, state, manager, workdir: str) -> dict[str, float]:
                 final.update(values)
                 pending = []
             results = None
-            if done % config.eval_every_steps == 0 or last:
+            if done % config.eval.every_steps == 0 or last:
                 results = evaluate(state)
                 writer.write(done, results)
                 if lead:
                     print(f'step {done}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()), flush=True)
                 final.update(results)
-            if done % config.checkpoint_every_steps == 0 or last:
+            if done % config.checkpoint.every_steps == 0 or last:
                 meta = {'config': json.loads(config_lib.to_json(config)), 'metrics': final, 'skipped_updates': skipped}
                 manager.save(done, state, {'step': done}, meta, metrics=results)  # the order is (seed, step)
         if start >= run.num_steps:  # a finished probe: report, change nothing
