@@ -153,7 +153,8 @@ def check_fits(saved, abstract_state, where: str) -> None:
             raise CheckpointError(
                 f'checkpoint {where} does not fit the model this config builds: {key} is {show(a)} in the '
                 f'checkpoint and {show(b)} here. Nothing was changed. A config change (let through by '
-                'checkpoint.resume_allow_changes?) altered the model or optimizer: undo it, or train in another --workdir')
+                'checkpoint.resume_allow_changes?) altered the model or optimizer: undo it, or train in another '
+                '--workdir')
 
 
 @dataclasses.dataclass
@@ -175,7 +176,8 @@ class Manager:
         if config.checkpoint.keep_best:
             metric = config.checkpoint.best_metric
             keep.append(policies.BestN(get_metric_fn=lambda metrics: metrics[metric], n=config.checkpoint.keep_best,
-                                       reverse=config.checkpoint.best_mode == 'min', keep_checkpoints_without_metrics=False))
+                                       reverse=config.checkpoint.best_mode == 'min',
+                                       keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(preservation_policy=policies.AnyPreservationPolicy(keep),
                                                create=not read_only, read_only=read_only,
                                                cleanup_tmp_directories=not read_only)
@@ -337,18 +339,20 @@ INIT_HEADS = ('keep', 'replace')  # init.head: the source's classifier head, or 
 
 
 def check_config(config) -> None:
-    """Refuse checkpoint and initialisation fields that cannot work: a checkpoint.best_metric this run does not
-    compute, an unknown checkpoint.best_mode or init.head, an init.source of another kind or whose path is missing."""
+    """Refuse the checkpoint and init sections' fields that cannot work: a checkpoint.best_metric this run
+    does not compute, an unknown checkpoint.best_mode or init.head, an init.source of another kind or whose
+    path is missing."""
     check_field_choice('checkpoint.best_mode', config.checkpoint.best_mode, BEST_MODES)
     check_field_choice('checkpoint.best_metric', config.checkpoint.best_metric, EVAL_METRICS)
     if config.checkpoint.best_metric.startswith('ema_') and not config.optim.ema_decay:
         refuse('checkpoint.best_metric', f'{config.checkpoint.best_metric} needs EMA parameters (optim.ema_decay > 0)')
     if config.checkpoint.best_metric.split('/')[0] in ('val', 'ema_val') and not config.data.validation_split:
-        refuse('checkpoint.best_metric', f'{config.checkpoint.best_metric} needs held-out examples (data.validation_split > 0)')
+        refuse('checkpoint.best_metric',
+               f'{config.checkpoint.best_metric} needs held-out examples (data.validation_split > 0)')
     kinds = tuple(source.partition(':')[0] + ':' for source in INIT_SOURCES)
     if config.init.source and not config.init.source.startswith(kinds):
         refuse('init.source', f'{config.init.source!r}: use ' + ', '.join(repr(s) for s in INIT_SOURCES[:-1])
-                            + f' or {INIT_SOURCES[-1]!r}')
+                              + f' or {INIT_SOURCES[-1]!r}')
     if config.init.source and not os.path.exists(config.init.source.partition(':')[2]):
         refuse('init.source', f'{config.init.source.partition(":")[2]} does not exist')
     check_field_choice('init.head', config.init.head, INIT_HEADS)

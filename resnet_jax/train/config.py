@@ -43,12 +43,12 @@ from resnet_jax.train import finetune, optim
 
 FEEDS = ('host', 'device', 'stream')
 NONFINITE = ('stop', 'skip')
-# Fields a resumed run may change without --config.checkpoint.resume_allow_changes: they do not alter what
-# is computed (num_steps/num_epochs extend or shorten the run, and change schedules that depend on it).
-SAFE_TO_CHANGE = ('log.every_steps', 'log.progress_seconds', 'eval.every_steps', 'eval.batch_size',
-                  'checkpoint.every_steps', 'checkpoint.keep', 'checkpoint.keep_best', 'checkpoint.best_metric', 'checkpoint.best_mode',
-                  'log.peak_tflops_per_device', 'data.workers', 'num_steps', 'num_epochs', 'checkpoint.resume_allow_changes',
-                  'init.source', 'init.head')
+# Fields a resumed run may change without --config.checkpoint.resume_allow_changes: they do not alter
+# what is computed (num_steps/num_epochs extend or shorten the run, and change schedules that depend on it).
+SAFE_TO_CHANGE = ('log.every_steps', 'log.progress_seconds', 'log.peak_tflops_per_device', 'eval.every_steps',
+                  'eval.batch_size', 'checkpoint.every_steps', 'checkpoint.keep', 'checkpoint.keep_best',
+                  'checkpoint.best_metric', 'checkpoint.best_mode', 'checkpoint.resume_allow_changes', 'init.source',
+                  'init.head', 'data.workers', 'num_steps', 'num_epochs')
 # The flat names of fields that now live in a section. A workdir written before the grouping (its
 # config.json or a checkpoint's metadata) is read with them moved, so a run killed then still resumes.
 RENAMED = {
