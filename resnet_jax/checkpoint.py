@@ -358,10 +358,10 @@ def check_config(config) -> None:
     check_field_choice('init.head', config.init.head, INIT_HEADS)
 
 
-def warm_start(spec: str, model, params, batch_stats, init_head: str = 'keep') -> tuple[dict, dict]:
+def warm_start(spec: str, model, params, batch_stats, head: str = 'keep') -> tuple[dict, dict]:
     """(params, batch_stats) taken from another run's checkpoint or torchvision weights.
 
-    init.head='keep' takes the classifier head too, so its shape must fit (the same class count);
+    head='keep' (config.init.head) takes the classifier head too, so its shape must fit (the same class count);
     'replace' keeps this model's own head whatever the source's. The targets may be abstract
     (jax.ShapeDtypeStruct): a source that does not fit is then refused before anything is compiled,
     and the leaves kept from the targets come back as given.
@@ -390,18 +390,18 @@ def warm_start(spec: str, model, params, batch_stats, init_head: str = 'keep') -
     flat_target = flax.traverse_util.flatten_dict(target, sep='/')
     for name in sorted(flat_target, key=lambda n: n.split('/')[1] == 'head'):  # a backbone misfit is named first
         value, found = flat_target[name], flat_source[name].shape if name in flat_source else 'nothing'
-        head = name.split('/')[1] == 'head'
-        if head and init_head == 'replace':
+        in_head = name.split('/')[1] == 'head'
+        if in_head and head == 'replace':
             merged[name] = value
         elif found == value.shape:
             merged[name] = np.asarray(flat_source[name], value.dtype)
-        elif head:
+        elif in_head:
             raise ValueError(f'{spec}: its classifier head {name} has shape {found}, and this model '
                              f'(num_classes={model.num_classes}) needs {value.shape}. Set '
                              "init.head='replace' to train a fresh head instead")
         else:
             raise ValueError(f'init.source={spec!r} does not fit this model: {name} needs {value.shape}, found {found}')
-    if init_head == 'replace':
+    if head == 'replace':
         logging.info('init.source %s: a fresh classifier head (init.head=replace)', spec)
     merged = flax.traverse_util.unflatten_dict(merged, sep='/')
     return merged['params'], merged.get('batch_stats', {})
