@@ -60,7 +60,7 @@ def get_config(arg: str = 'resnet20'):
     c.data.validation_split = 5_000      # the paper's 45k/5k split; 'val/*' is evaluated beside the test set
     c.model.bn_group_size = 64           # 2 GPUs x 64, BatchNorm not synchronised
     c.batch_size = 128
-    c.eval_batch_size = 500
+    c.eval.batch_size = 500
     c.num_steps = 64_000
     c.optim.name = 'sgd'
     c.optim.lr = 0.1
@@ -72,9 +72,9 @@ def get_config(arg: str = 'resnet20'):
         c.optim.warmup = 'constant'
         c.optim.warmup_steps = 400
         c.optim.warmup_factor = 0.1
-    c.eval_every_steps = 2_000
-    c.checkpoint_every_steps = 2_000
-    c.log_every_steps = 100
+    c.eval.every_steps = 2_000
+    c.checkpoint.every_steps = 2_000
+    c.log.every_steps = 100
     return c
 
 

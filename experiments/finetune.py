@@ -4,15 +4,15 @@
     wget https://download.pytorch.org/models/resnet50-11ad3fa6.pth            # IMAGENET1K_V2, 80.9% top-1
     tar xzf ../shared/data/cifar10-jpeg/cifar10_jpeg.tar.gz -C /tmp/cifar10   # once
     python -m resnet_jax.train --config=experiments/finetune.py --workdir=runs/r50_cifar10 \
-        --config.init_from=torchvision:resnet50-11ad3fa6.pth
+        --config.init.source=torchvision:resnet50-11ad3fa6.pth
     python -m resnet_jax.train --config=experiments/finetune.py:probe --workdir=runs/r50_cifar10_probe \
-        --config.init_from=torchvision:resnet50-11ad3fa6.pth
+        --config.init.source=torchvision:resnet50-11ad3fa6.pth
 
 Arguments: '' (default) fine-tunes every layer; 'probe' trains only a new head on features computed
 once (finetune.linear_probe); 'frozen' freezes the stem and stages 1-2 with their BatchNorms in eval
 mode. The older IMAGENET1K_V1 file resnet50-0676ba61.pth (76.1%) works the same way.
 
-Recipe: a new 10-way head (init_head='replace'); CIFAR-10's 32x32 images resized to 224 once, in
+Recipe: a new 10-way head (init.head='replace'); CIFAR-10's 32x32 images resized to 224 once, in
 host memory (about 7.5 GB for the 50,000 training images; data.image_size=160 needs 3.8 GB and
 trains about 2x faster), pad-4 crop and flip on the device; ImageNet normalisation, which the
 pretrained stem expects; SGD with Nesterov momentum, batch 128, lr 0.01 with a cosine schedule
@@ -39,14 +39,14 @@ def get_config(arg: str = ''):
     c = base_config()
     c.model.name = 'resnet50'
     c.model.dtype = 'bfloat16'
-    c.init_head = 'replace'
+    c.init.head = 'replace'
     c.data.dataset = 'folder:/tmp/cifar10'
     c.data.image_size = 224
     c.data.feed = 'host'
     c.data.augment = 'cifar'
     c.data.mean, c.data.std = IMAGENET_MEAN, IMAGENET_STD
     c.batch_size = 128
-    c.eval_batch_size = 500
+    c.eval.batch_size = 500
     c.num_epochs = 10.0
     c.optim.name = 'sgd'
     c.optim.nesterov = True
@@ -55,9 +55,9 @@ def get_config(arg: str = ''):
     c.optim.warmup_steps = 500
     c.optim.weight_decay = 1e-4
     c.optim.decay_norm_and_bias = False
-    c.eval_every_steps = 1_000
-    c.checkpoint_every_steps = 1_000
-    c.log_every_steps = 50
+    c.eval.every_steps = 1_000
+    c.checkpoint.every_steps = 1_000
+    c.log.every_steps = 50
     if arg == 'probe':
         c.finetune.linear_probe = True
         c.num_epochs = 40.0

@@ -65,7 +65,7 @@ def get_config(arg: str = 'resnet50,hardware=gpu8'):
     c.data.image_size = 224
     c.data.augment = 'inception'
     c.batch_size = batch
-    c.eval_batch_size = batch
+    c.eval.batch_size = batch
     c.num_epochs = 90.0
     c.optim.lr = 0.1
     c.optim.scale_lr_by_batch = True
@@ -78,9 +78,9 @@ def get_config(arg: str = 'resnet50,hardware=gpu8'):
     c.optim.boundary_epochs = (30.0, 60.0, 80.0)
     c.optim.warmup = 'linear_from_base'  # from 0.1 (the batch-256 rate) to 0.1 x batch / 256
     c.optim.warmup_epochs = 5.0
-    c.eval_every_steps = 5 * epoch
-    c.checkpoint_every_steps = epoch
-    c.log_every_steps = 100
+    c.eval.every_steps = 5 * epoch
+    c.checkpoint.every_steps = epoch
+    c.log.every_steps = 100
     return c
 
 

@@ -30,9 +30,9 @@ def get_config():
     c.optim.schedule = 'cosine'
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 5e-4
-    c.eval_every_steps = 200
-    c.checkpoint_every_steps = 200
-    c.log_every_steps = 20
+    c.eval.every_steps = 200
+    c.checkpoint.every_steps = 200
+    c.log.every_steps = 20
     return c
 
 

@@ -11,9 +11,9 @@ A checkpoint of step t has three items:
 Saves are asynchronous. Orbax writes each into a temporary directory and renames it when
 every process has finished, so a save killed halfway is never listed as a checkpoint, and old
 checkpoints are deleted only after a newer one is complete. Kept: the newest
-`keep_checkpoints`, plus the best `keep_best_checkpoints` by `best_metric`.
+`checkpoint.keep`, plus the best `checkpoint.keep_best` by `checkpoint.best_metric`.
 
-A new run may start from other weights (`init_from`, see `warm_start`); `check_config` refuses
+A new run may start from other weights (`init.source`, see `warm_start`); `check_config` refuses
 checkpoint and initialisation fields that cannot work before anything is built.
 
 Once a save is complete, process 0 writes `SHA256SUMS.json` into its step directory: the size and
@@ -57,8 +57,8 @@ from resnet_jax.models.torchvision_import import from_torchvision, load_state_di
 
 ITEMS = ('state', 'data', 'meta')
 SUMS_FILE = 'SHA256SUMS.json'
-BEST_MODES = ('max', 'min')  # best_mode: whether a larger or a smaller best_metric is better
-# What best_metric may rank checkpoints by: the metrics an evaluation logs, of the raw or the EMA
+BEST_MODES = ('max', 'min')  # checkpoint.best_mode: whether a larger or a smaller checkpoint.best_metric is better
+# What checkpoint.best_metric may rank checkpoints by: the metrics an evaluation logs, of the raw or the EMA
 # parameters, on the eval split or on the held-out part of the training split.
 EVAL_METRICS = tuple(f'{p}/{m}' for p in ('eval', 'ema_eval', 'val', 'ema_val') for m in ('top1', 'top5', 'loss'))
 
@@ -155,7 +155,8 @@ def check_fits(saved, abstract_state, where: str) -> None:
             raise CheckpointError(
                 f'checkpoint {where} does not fit the model this config builds: {key} is {show(a)} in the '
                 f'checkpoint and {show(b)} here. Nothing was changed. A config change (let through by '
-                'resume_allow_changes?) altered the model or optimizer: undo it, or train in another --workdir')
+                'checkpoint.resume_allow_changes?) altered the model or optimizer: undo it, or train in another '
+                '--workdir')
 
 
 @dataclasses.dataclass
@@ -173,11 +174,12 @@ class Manager:
 
     def __init__(self, directory: str, config, read_only: bool = False):
         policies = ocp.checkpoint_managers
-        keep = [policies.LatestN(config.keep_checkpoints)]
-        if config.keep_best_checkpoints:
-            metric = config.best_metric
-            keep.append(policies.BestN(get_metric_fn=lambda metrics: metrics[metric], n=config.keep_best_checkpoints,
-                                       reverse=config.best_mode == 'min', keep_checkpoints_without_metrics=False))
+        keep = [policies.LatestN(config.checkpoint.keep)]
+        if config.checkpoint.keep_best:
+            metric = config.checkpoint.best_metric
+            keep.append(policies.BestN(get_metric_fn=lambda metrics: metrics[metric], n=config.checkpoint.keep_best,
+                                       reverse=config.checkpoint.best_mode == 'min',
+                                       keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(preservation_policy=policies.AnyPreservationPolicy(keep),
                                                create=not read_only, read_only=read_only,
                                                cleanup_tmp_directories=not read_only)
@@ -187,7 +189,7 @@ class Manager:
         self._closed = False
 
     def save(self, step: int, state, data: dict, meta: dict, metrics: dict | None = None) -> None:
-        """Start an asynchronous save of step `step`; `metrics` (if any) rank it for `best_metric`."""
+        """Start an asynchronous save of step `step`; `metrics` (if any) rank it for `checkpoint.best_metric`."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
                                   meta=ocp.args.JsonSave(meta))
         self.wait()  # Orbax would wait for the previous save here anyway; its sums are written first
@@ -335,31 +337,33 @@ def step_dir(path: str) -> str:
 
 INIT_SOURCES = ('checkpoint:<workdir or step dir>', 'torchvision:<file.pth or .safetensors>',
                 'timm:<file.pth or .safetensors>')
-INIT_HEADS = ('keep', 'replace')  # init_head: the source's classifier head, or a fresh one
+INIT_HEADS = ('keep', 'replace')  # init.head: the source's classifier head, or a fresh one
 
 
 def check_config(config) -> None:
-    """Refuse checkpoint and initialisation fields that cannot work: a best_metric this run does not
-    compute, an unknown best_mode or init_head, an init_from of another kind or whose path is missing."""
-    check_field_choice('best_mode', config.best_mode, BEST_MODES)
-    check_field_choice('best_metric', config.best_metric, EVAL_METRICS)
-    if config.best_metric.startswith('ema_') and not config.optim.ema_decay:
-        refuse('best_metric', f'{config.best_metric} needs EMA parameters (optim.ema_decay > 0)')
-    if config.best_metric.split('/')[0] in ('val', 'ema_val') and not config.data.validation_split:
-        refuse('best_metric', f'{config.best_metric} needs held-out examples (data.validation_split > 0)')
+    """Refuse the checkpoint and init sections' fields that cannot work: a checkpoint.best_metric this run
+    does not compute, an unknown checkpoint.best_mode or init.head, an init.source of another kind or whose
+    path is missing."""
+    check_field_choice('checkpoint.best_mode', config.checkpoint.best_mode, BEST_MODES)
+    check_field_choice('checkpoint.best_metric', config.checkpoint.best_metric, EVAL_METRICS)
+    if config.checkpoint.best_metric.startswith('ema_') and not config.optim.ema_decay:
+        refuse('checkpoint.best_metric', f'{config.checkpoint.best_metric} needs EMA parameters (optim.ema_decay > 0)')
+    if config.checkpoint.best_metric.split('/')[0] in ('val', 'ema_val') and not config.data.validation_split:
+        refuse('checkpoint.best_metric',
+               f'{config.checkpoint.best_metric} needs held-out examples (data.validation_split > 0)')
     kinds = tuple(source.partition(':')[0] + ':' for source in INIT_SOURCES)
-    if config.init_from and not config.init_from.startswith(kinds):
-        refuse('init_from', f'{config.init_from!r}: use ' + ', '.join(repr(s) for s in INIT_SOURCES[:-1])
-                            + f' or {INIT_SOURCES[-1]!r}')
-    if config.init_from and not os.path.exists(config.init_from.partition(':')[2]):
-        refuse('init_from', f'{config.init_from.partition(":")[2]} does not exist')
-    check_field_choice('init_head', config.init_head, INIT_HEADS)
+    if config.init.source and not config.init.source.startswith(kinds):
+        refuse('init.source', f'{config.init.source!r}: use ' + ', '.join(repr(s) for s in INIT_SOURCES[:-1])
+                              + f' or {INIT_SOURCES[-1]!r}')
+    if config.init.source and not os.path.exists(config.init.source.partition(':')[2]):
+        refuse('init.source', f'{config.init.source.partition(":")[2]} does not exist')
+    check_field_choice('init.head', config.init.head, INIT_HEADS)
 
 
-def warm_start(spec: str, model, params, batch_stats, init_head: str = 'keep') -> tuple[dict, dict]:
+def warm_start(spec: str, model, params, batch_stats, head: str = 'keep') -> tuple[dict, dict]:
     """(params, batch_stats) taken from another run's checkpoint or torchvision weights.
 
-    init_head='keep' takes the classifier head too, so its shape must fit (the same class count);
+    head='keep' (config.init.head) takes the classifier head too, so its shape must fit (the same class count);
     'replace' keeps this model's own head whatever the source's. The targets may be abstract
     (jax.ShapeDtypeStruct): a source that does not fit is then refused before anything is compiled,
     and the leaves kept from the targets come back as given.
@@ -375,25 +379,25 @@ def warm_start(spec: str, model, params, batch_stats, init_head: str = 'keep') -
         state_dict = load_state_dict(path)
         source = from_timm(state_dict, model.clone(num_classes=state_dict['fc.weight'].shape[0]))
     else:
-        raise ValueError(f'init_from={spec!r}: choose one of {", ".join(INIT_SOURCES)}')
+        raise ValueError(f'init.source={spec!r}: choose one of {", ".join(INIT_SOURCES)}')
     target = {'params': params, 'batch_stats': batch_stats}
     flat_source = flax.traverse_util.flatten_dict(jax.device_get(source), sep='/')
     merged = {}
     flat_target = flax.traverse_util.flatten_dict(target, sep='/')
     for name in sorted(flat_target, key=lambda n: n.split('/')[1] == 'head'):  # a backbone misfit is named first
         value, found = flat_target[name], flat_source[name].shape if name in flat_source else 'nothing'
-        head = name.split('/')[1] == 'head'
-        if head and init_head == 'replace':
+        in_head = name.split('/')[1] == 'head'
+        if in_head and head == 'replace':
             merged[name] = value
         elif found == value.shape:
             merged[name] = np.asarray(flat_source[name], value.dtype)
-        elif head:
+        elif in_head:
             raise ValueError(f'{spec}: its classifier head {name} has shape {found}, and this model '
                              f'(num_classes={model.num_classes}) needs {value.shape}. Set '
-                             "init_head='replace' to train a fresh head instead")
+                             "init.head='replace' to train a fresh head instead")
         else:
-            raise ValueError(f'init_from={spec!r} does not fit this model: {name} needs {value.shape}, found {found}')
-    if init_head == 'replace':
-        logging.info('init_from %s: a fresh classifier head (init_head=replace)', spec)
+            raise ValueError(f'init.source={spec!r} does not fit this model: {name} needs {value.shape}, found {found}')
+    if head == 'replace':
+        logging.info('init.source %s: a fresh classifier head (init.head=replace)', spec)
     merged = flax.traverse_util.unflatten_dict(merged, sep='/')
     return merged['params'], merged.get('batch_stats', {})

@@ -51,7 +51,7 @@ LABELS_FILE = 'labels.json'
 # Exit codes of `python -m resnet_jax.train` (and of evaluate where they apply).
 ERROR_EXIT_CODE = 1       # a workdir or checkpoint that cannot continue (printed as 'error: ...') or a crash
 # USAGE_EXIT_CODE = 2 (resnet_jax.errors): a bad flag or config value; nothing was started
-NONFINITE_EXIT_CODE = 3   # stopped on a NaN/Inf loss or gradient (config.nonfinite='stop')
+NONFINITE_EXIT_CODE = 3   # stopped on a NaN/Inf loss or gradient (config.optim.nonfinite='stop')
 BUSY_EXIT_CODE = 73       # the workdir is locked by another training (EX_CANTCREAT); nothing was done
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal, after saving anything new; run the same command again
 ABORTED_EXIT_CODE = 130   # a second Ctrl-C: stopped at once, without saving

@@ -47,13 +47,13 @@ def tiny_config(**overrides):
     c.data.num_train = 512
     c.data.num_eval = 103
     c.batch_size = 32
-    c.eval_batch_size = 24
+    c.eval.batch_size = 24
     c.num_steps = 8
     c.optim.warmup_steps = 2
-    c.log_every_steps = 4
-    c.eval_every_steps = 8
-    c.checkpoint_every_steps = 8
-    c.progress_seconds = 0.0
+    c.log.every_steps = 4
+    c.eval.every_steps = 8
+    c.checkpoint.every_steps = 8
+    c.log.progress_seconds = 0.0
     for key, value in overrides.items():
         node = c
         *parents, leaf = key.split('.')

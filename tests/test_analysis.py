@@ -133,8 +133,8 @@ def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp('sweep')
     entries, runs = [], []
     for name, skip in (('resnet', 'identity'), ('plain', 'none')):
-        overrides = {'model.stage_sizes': (3, 3, 2), 'model.skip': skip, 'num_steps': 20, 'eval_every_steps': 10,
-                     'checkpoint_every_steps': 10, 'log_every_steps': 5}
+        overrides = {'model.stage_sizes': (3, 3, 2), 'model.skip': skip, 'num_steps': 20, 'eval.every_steps': 10,
+                     'checkpoint.every_steps': 10, 'log.every_steps': 5}
         train_and_evaluate(tiny_config(**overrides), str(root / name))
         entries.append(overrides)
         runs.append(sweep_lib.RunSpec(name, str(REPO / 'experiments' / 'quickstart.py'), str(root / name), overrides))

@@ -30,8 +30,8 @@ def test_resnet8_learns_cifar10_from_jpeg_files(tmp_path):
     c.optim.schedule, c.optim.boundaries = 'cosine', ()
     c.optim.warmup_steps = 30
     c.optim.weight_decay = 5e-4
-    c.eval_batch_size = 1000
-    c.eval_every_steps = c.checkpoint_every_steps = 600
-    c.log_every_steps = 100
+    c.eval.batch_size = 1000
+    c.eval.every_steps = c.checkpoint.every_steps = 600
+    c.log.every_steps = 100
     final = train_and_evaluate(c, str(tmp_path))
     assert final['eval/top1'] > THRESHOLD, final

@@ -1,5 +1,6 @@
 """Bad configs fail before compilation with a message naming the field and what is allowed."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def parse(*overrides):
 
 def test_command_line_overrides_reach_every_level():
     c = parse('--config.optim.lr=0.2', '--config.model.skip=none', '--config.model.stage_sizes=(2,2,2)',
-              '--config.mesh.fsdp=2', '--config.batch_size=256', '--config.eval_batch_size=400')
+              '--config.mesh.fsdp=2', '--config.batch_size=256', '--config.eval.batch_size=400')
     assert c.optim.lr == 0.2 and c.batch_size == 256 and c.mesh.fsdp == 2
     assert model_overrides(c) == {'skip': 'none', 'stage_sizes': (2, 2, 2)}
     validate(c, num_devices=8, num_train=10_000)
@@ -43,7 +44,7 @@ def test_wrong_type_fails_at_parse_time():
 
 @pytest.mark.parametrize('overrides, devices, message', [
     (['--config.batch_size=100'], 8, r'config.batch_size: 100 is not divisible by the 8 data shards \(mesh data=8 x fsdp=1\)'),
-    (['--config.eval_batch_size=30'], 4, r'config.eval_batch_size: 30 is not divisible by the 4 data shards'),
+    (['--config.eval.batch_size=30'], 4, r'config.eval.batch_size: 30 is not divisible by the 4 data shards'),
     (['--config.mesh.fsdp=3'], 8, r'config.mesh.fsdp: 3 must be a positive divisor of the 8 devices'),
     (['--config.mesh.data=4'], 8, r'config.mesh.data: mesh data=4 x fsdp=1 does not fit the 8 devices; use data=-1 or data=8'),
     (['--config.optim.schedule=piecewise', '--config.optim.boundaries=(300,900)'], 1,
@@ -55,14 +56,14 @@ def test_wrong_type_fails_at_parse_time():
     (['--config.optim.name=adam'], 1, r"config.optim.name: name='adam' is not allowed; choose one of: 'sgd', 'lars', 'adamw'"),
     (['--config.optim.schedule=linear'], 1, r"config.optim.schedule: schedule='linear' is not allowed"),
     (['--config.data.feed=gpu'], 1, r"config.data.feed: feed='gpu' is not allowed; choose one of: 'host', 'device'"),
-    (['--config.data.feed=device', '--config.batch_size=10008', '--config.eval_batch_size=8'], 8,
+    (['--config.data.feed=device', '--config.batch_size=10008', '--config.eval.batch_size=8'], 8,
      r"config.batch_size: 10008 exceeds the 10000 examples that data.feed='device' holds over 8 shards"),
     (['--config.data.augment=autoaugment'], 1, r"config.data.augment: augment='autoaugment' is not allowed; choose one of: 'none', 'cifar'"),
     (['--config.mesh.param_rules=((".*","shard"),)'], 1, r"config.mesh.param_rules: param_rules='shard' is not allowed"),
     (['--config.model.name=resnet5O'], 1, r"config.model.name: unknown model 'resnet5O'. Did you mean: .*resnet50"),
     (['--config.model.shortcut=E'], 1, r"config.model: shortcut='E' is not allowed; choose one of: 'A', 'B', 'C', 'D'"),
     (['--config.model.drop_path_rate=1.5'], 1, r'config.model: drop_path_rate=1.5 is outside the allowed range \[0, 1\)'),
-    (['--config.log_every_steps=0'], 1, r'config.log_every_steps: must be a positive integer, got 0'),
+    (['--config.log.every_steps=0'], 1, r'config.log.every_steps: must be a positive integer, got 0'),
     (['--config.optim.name=lars', '--config.optim.decay_type=decoupled'], 1,
      r"config.optim.decay_type: LARS applies weight decay inside its trust ratio"),
 ])
@@ -75,6 +76,24 @@ def test_resolved_config_round_trips_through_json(tmp_path):
     c = parse('--config.model.stage_sizes=(2,2,2)', '--config.mesh.param_rules=((".*kernel","fsdp"),)')
     config_lib.write_resolved(c, str(tmp_path))
     assert config_lib.load_resolved(str(tmp_path)).to_dict() == c.to_dict()
+
+
+def test_a_workdir_with_the_flat_field_names_of_before_their_sections_is_read_in_todays_names(tmp_path):
+    """A run recorded before fields were grouped into log/eval/checkpoint/init (config.RENAMED) still
+    evaluates and resumes: its config.json reads as today's config, and check_resume sees no change."""
+    c = parse('--config.checkpoint.keep=5', '--config.init.head=replace',
+              '--config.checkpoint.resume_allow_changes=("init.source","optim.lr")')
+    stored, flat_name = json.loads(config_lib.to_json(c)), {new: old for old, new in config_lib.RENAMED.items()}
+    for old, new in config_lib.RENAMED.items():
+        section, field = new.split('.')
+        stored[old] = stored[section].pop(field)
+    allowed = flat_name['checkpoint.resume_allow_changes']
+    stored[allowed] = [flat_name.get(name, name) for name in stored[allowed]]  # as an older run named them
+    stored = {key: value for key, value in stored.items() if value != {}}
+    assert 'log' not in stored and stored[flat_name['checkpoint.keep']] == 5
+    (tmp_path / 'config.json').write_text(json.dumps(stored))
+    assert config_lib.load_resolved(str(tmp_path)).to_dict() == c.to_dict()
+    config_lib.check_resume(stored, c)
 
 
 @pytest.mark.parametrize('overrides, message', [
@@ -96,9 +115,9 @@ def test_resolved_config_round_trips_through_json(tmp_path):
      r'config.data.std: must be > 0, got \(0.2, 0.0, 0.2\)'),
     (['--config.model.num_classes=1'], r'config.model.num_classes: must be >= 2, got 1'),
     (['--config.model.se_ratio=nan'], r'config.model.se_ratio: must be a finite number, got nan'),
-    (['--config.eval_every_steps=0'], r'config.eval_every_steps: must be a positive integer, got 0'),
-    (['--config.resume_allow_changes=("optim.lr","optim.wieght_decay")'],
-     r"config.resume_allow_changes: 'optim.wieght_decay' is not a config field. Did you mean: optim.weight_decay, "),
+    (['--config.eval.every_steps=0'], r'config.eval.every_steps: must be a positive integer, got 0'),
+    (['--config.checkpoint.resume_allow_changes=("optim.lr","optim.wieght_decay")'],
+     r"config.checkpoint.resume_allow_changes: 'optim.wieght_decay' is not a config field. Did you mean: optim.weight_decay, "),
 ])
 def test_values_outside_their_range_name_the_field_and_the_range(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -157,9 +157,9 @@ def test_the_label_map_is_recorded_and_checked_on_resume_and_evaluate(tmp_path):
     from resnet_jax.train.loop import train_and_evaluate
 
     root = make_image_folder(tmp_path / 'data', {'train': {'cat': 4, 'dog': 4}, 'test': {'dog': 2}})
-    config = folder_config(root, **{'data.image_size': 8, 'batch_size': 8, 'eval_batch_size': 8, 'num_steps': 2,
-                                    'optim.warmup_steps': 0, 'log_every_steps': 1, 'eval_every_steps': 2,
-                                    'checkpoint_every_steps': 2})
+    config = folder_config(root, **{'data.image_size': 8, 'batch_size': 8, 'eval.batch_size': 8, 'num_steps': 2,
+                                    'optim.warmup_steps': 0, 'log.every_steps': 1, 'eval.every_steps': 2,
+                                    'checkpoint.every_steps': 2})
     workdir = str(tmp_path / 'run')
     train_and_evaluate(config, workdir)
     assert json.loads((tmp_path / 'run' / 'labels.json').read_text()) == {'classes': ['cat', 'dog']}

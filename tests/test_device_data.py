@@ -270,7 +270,7 @@ def resume_config(num_steps: int):
     # at different step numbers, which the control below relies on. A constant schedule (after
     # 2 warm-up steps) does not depend on num_steps, so a 4-step run is a prefix of an 8-step one.
     return tiny_config(**{'data.feed': 'device', 'data.augment': 'none', 'optim.schedule': 'constant',
-                          'num_steps': num_steps, 'checkpoint_every_steps': 4, 'eval_every_steps': 8})
+                          'num_steps': num_steps, 'checkpoint.every_steps': 4, 'eval.every_steps': 8})
 
 
 def params_at(workdir, step: int, run: Run):
@@ -319,9 +319,9 @@ def test_device_fed_training_learns_shapes(tmp_path):
     # with data.feed='host', whose data order differs); chance is 0.1, where labels shuffled
     # apart from their images would leave it.
     config = tiny_config(**{'data.feed': 'device', 'data.augment': 'none', 'data.image_size': 16,
-                            'data.num_train': 2048, 'data.num_eval': 300, 'eval_batch_size': 100,
-                            'num_steps': 150, 'optim.warmup_steps': 10, 'log_every_steps': 50,
-                            'eval_every_steps': 150, 'checkpoint_every_steps': 150})
+                            'data.num_train': 2048, 'data.num_eval': 300, 'eval.batch_size': 100,
+                            'num_steps': 150, 'optim.warmup_steps': 10, 'log.every_steps': 50,
+                            'eval.every_steps': 150, 'checkpoint.every_steps': 150})
     final = train_and_evaluate(config, str(tmp_path))
     assert final['eval/top1'] > 0.35, final
 

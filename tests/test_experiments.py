@@ -36,8 +36,8 @@ def docstring_commands(path: Path) -> list[list[str]]:
 
 
 def check(config, where: str):
-    if config.init_from.startswith('torchvision:'):  # weights the user downloads: not on the test machine
-        config.init_from = ''
+    if config.init.source.startswith('torchvision:'):  # weights the user downloads: not on the test machine
+        config.init.source = ''
     num_train = NUM_TRAIN.get(config.data.dataset, config.data.num_train)
     try:
         config_lib.validate(config, 1, num_train)

@@ -23,7 +23,7 @@ from resnet_jax.train.run import Run
 def trained(tmp_path_factory):
     """A tiny run with EMA and checkpoints at steps 4 and 8."""
     workdir = tmp_path_factory.mktemp('run')
-    train_and_evaluate(tiny_config(**{'optim.ema_decay': 0.5, 'checkpoint_every_steps': 4}), str(workdir))
+    train_and_evaluate(tiny_config(**{'optim.ema_decay': 0.5, 'checkpoint.every_steps': 4}), str(workdir))
     return workdir
 
 
@@ -63,16 +63,16 @@ def test_evaluate_reads_an_older_kept_checkpoint(trained):
 
 @pytest.mark.slow
 def test_warm_start_from_a_run_with_another_class_count(trained, tmp_path):
-    """Shapes (10 classes) -> synthetic data with 7 classes and init_head='replace': every weight but the
+    """Shapes (10 classes) -> synthetic data with 7 classes and init.head='replace': every weight but the
     head comes over; without the option the head's shapes are refused."""
     config = tiny_config(**{'data.dataset': 'synthetic', 'model.num_classes': 7,
-                            'init_from': f'checkpoint:{trained}', 'num_steps': 4, 'init_head': 'replace'})
+                            'init.source': f'checkpoint:{trained}', 'num_steps': 4, 'init.head': 'replace'})
     run = Run(config)
     fresh = run.initial_state()
     with pytest.raises(ValueError, match=r'its classifier head params/head/bias has shape \(10,\), and this model '
-                                         r"\(num_classes=7\) needs \(7,\)\. Set init_head='replace'"):
-        checkpoint.warm_start(config.init_from, run.model, fresh.params, fresh.batch_stats)
-    params, stats = checkpoint.warm_start(config.init_from, run.model, fresh.params, fresh.batch_stats, 'replace')
+                                         r"\(num_classes=7\) needs \(7,\)\. Set init.head='replace'"):
+        checkpoint.warm_start(config.init.source, run.model, fresh.params, fresh.batch_stats)
+    params, stats = checkpoint.warm_start(config.init.source, run.model, fresh.params, fresh.batch_stats, 'replace')
     source = checkpoint.read_numpy(checkpoint.step_dir(str(trained)))
     got, want = flat(params), flat(source['params'])
     assert got['head/kernel'].shape == (32, 7) and want['head/kernel'].shape == (32, 10)
@@ -87,7 +87,7 @@ def test_warm_start_from_a_run_with_another_class_count(trained, tmp_path):
 
 def test_warm_start_from_torchvision_weights(tmp_path):
     """A torch ResNet-20 with 100 classes (random weights and BN statistics), saved as
-    safetensors, starts a 10-class model with init_head='replace': the backbone equals the converted
+    safetensors, starts a 10-class model with init.head='replace': the backbone equals the converted
     weights, the head is new."""
     torch = pytest.importorskip('torch')
     from safetensors.torch import save_file
@@ -112,10 +112,10 @@ def test_warm_start_from_torchvision_weights(tmp_path):
 
 
 def test_a_warm_start_that_does_not_fit_is_refused(trained):
-    config = tiny_config(**{'model.widths': (8, 16, 64), 'init_from': f'checkpoint:{trained}'})
+    config = tiny_config(**{'model.widths': (8, 16, 64), 'init.source': f'checkpoint:{trained}'})
     run = Run(config)
     fresh = run.initial_state()
     with pytest.raises(ValueError, match=r'does not fit this model: params/stage3_block0/conv1/kernel needs \(3, 3, 16, 64\), found \(3, 3, 16, 32\)'):
-        checkpoint.warm_start(config.init_from, run.model, fresh.params, fresh.batch_stats)
-    with pytest.raises(ConfigError, match='config.init_from: /nonexistent does not exist'):
-        config_lib.validate(tiny_config(init_from='checkpoint:/nonexistent'), 1)
+        checkpoint.warm_start(config.init.source, run.model, fresh.params, fresh.batch_stats)
+    with pytest.raises(ConfigError, match='config.init.source: /nonexistent does not exist'):
+        config_lib.validate(tiny_config(**{'init.source': 'checkpoint:/nonexistent'}), 1)

@@ -56,8 +56,8 @@ def test_sigkill_at_random_moments_then_restart_ends_bit_identical(processes, tm
     step, so several kills land in an asynchronous save) and restarted each time: the final
     parameters, optimizer state and evaluation equal an uninterrupted run's exactly."""
     steps = 40
-    args = [*TINY, f'--config.num_steps={steps}', '--config.checkpoint_every_steps=1', '--config.keep_checkpoints=2',
-            f'--config.eval_every_steps={steps // 2}', '--config.data.augment=cifar']
+    args = [*TINY, f'--config.num_steps={steps}', '--config.checkpoint.every_steps=1', '--config.checkpoint.keep=2',
+            f'--config.eval.every_steps={steps // 2}', '--config.data.augment=cifar']
     whole, killed = tmp_path / 'whole', tmp_path / 'killed'
     reference = processes.start('whole', [*args, f'--workdir={whole}', '--nodistributed'], devices=1)
     rng = random.Random(1234)
@@ -85,8 +85,8 @@ def test_sigkill_at_random_moments_then_restart_ends_bit_identical(processes, tm
 
 @pytest.mark.system
 def test_sigterm_saves_the_step_reached_and_the_restart_continues(processes, tmp_path):
-    args = [*TINY, '--config.num_steps=100000', '--config.eval_every_steps=100000',
-            '--config.checkpoint_every_steps=100000', f'--workdir={tmp_path}', '--nodistributed']
+    args = [*TINY, '--config.num_steps=100000', '--config.eval.every_steps=100000',
+            '--config.checkpoint.every_steps=100000', f'--workdir={tmp_path}', '--nodistributed']
     proc = processes.start('run', args, devices=1)
     while not run_starts(tmp_path) and proc.poll() is None:
         time.sleep(0.1)
@@ -107,7 +107,7 @@ def test_sigterm_saves_the_step_reached_and_the_restart_continues(processes, tmp
 @pytest.mark.multiprocess
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(processes, tmp_path):
     """JAX's preemption notifier and Orbax's sync point: both processes save the same step and exit 75."""
-    long = ['--config.num_steps=100000', '--config.eval_every_steps=100000', '--config.checkpoint_every_steps=100000']
+    long = ['--config.num_steps=100000', '--config.eval.every_steps=100000', '--config.checkpoint.every_steps=100000']
     procs = start_multiprocess(processes, tmp_path, long)
     while not run_starts(tmp_path) and all(p.poll() is None for p in procs):
         time.sleep(0.1)
@@ -123,7 +123,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(processes, 
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
-    config = tiny_config(**{'checkpoint_every_steps': 4})
+    config = tiny_config(**{'checkpoint.every_steps': 4})
     train_and_evaluate(config, str(tmp_path))
     directory = tmp_path / 'checkpoints'
     damaged = directory / '8' / 'state'
@@ -144,8 +144,8 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog)
 
 def test_restore_onto_one_device_of_a_checkpoint_saved_on_eight(tmp_path):
     """Saved with the train state split over data=4 x fsdp=2 CPU devices, restored onto 1 device."""
-    result = run_module(['-m', 'resnet_jax.train', *TINY, '--config.num_steps=4', '--config.checkpoint_every_steps=4',
-                         '--config.eval_every_steps=4', '--config.eval_batch_size=24', '--config.mesh.fsdp=2', '--config.mesh.fsdp_min_size=1',
+    result = run_module(['-m', 'resnet_jax.train', *TINY, '--config.num_steps=4', '--config.checkpoint.every_steps=4',
+                         '--config.eval.every_steps=4', '--config.eval.batch_size=24', '--config.mesh.fsdp=2', '--config.mesh.fsdp_min_size=1',
                          "--config.mesh.param_rules=(('.*kernel','fsdp'),)", f'--workdir={tmp_path}', '--nodistributed'],
                         env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -163,23 +163,23 @@ def test_restore_onto_one_device_of_a_checkpoint_saved_on_eight(tmp_path):
 
 def test_resuming_with_a_changed_config_names_the_fields(tmp_path):
     train_and_evaluate(tiny_config(), str(tmp_path))
-    changed = tiny_config(**{'batch_size': 16, 'optim.lr': 0.05, 'log_every_steps': 2})
+    changed = tiny_config(**{'batch_size': 16, 'optim.lr': 0.05, 'log.every_steps': 2})
     with pytest.raises(ConfigError, match=r'batch_size was 32, now 16; optim.lr was 0.1, now 0.05\. Use another'):
         train_and_evaluate(changed, str(tmp_path))
     stored = json.loads((tmp_path / 'config.json').read_text())
     assert stored['batch_size'] == 32  # the stored config is left as it was
     # Safe fields may change; listed fields are allowed on request (here extending the run too).
-    allowed = tiny_config(**{'num_steps': 10, 'log_every_steps': 2, 'batch_size': 16,
-                             'resume_allow_changes': ('batch_size',)})
+    allowed = tiny_config(**{'num_steps': 10, 'log.every_steps': 2, 'batch_size': 16,
+                             'checkpoint.resume_allow_changes': ('batch_size',)})
     train_and_evaluate(allowed, str(tmp_path))
     assert run_starts(tmp_path) == [0, 8]
 
 
 @pytest.mark.parametrize('metric,mode', [('eval/top1', 'max'), ('eval/loss', 'min')])
 def test_the_newest_and_the_best_checkpoints_are_kept(tmp_path, metric, mode):
-    config = tiny_config(**{'num_steps': 12, 'eval_every_steps': 2, 'checkpoint_every_steps': 2,
-                            'keep_checkpoints': 1, 'keep_best_checkpoints': 1, 'best_metric': metric,
-                            'best_mode': mode, 'optim.lr': 0.3})
+    config = tiny_config(**{'num_steps': 12, 'eval.every_steps': 2, 'checkpoint.every_steps': 2,
+                            'checkpoint.keep': 1, 'checkpoint.keep_best': 1, 'checkpoint.best_metric': metric,
+                            'checkpoint.best_mode': mode, 'optim.lr': 0.3})
     train_and_evaluate(config, str(tmp_path))
     evals = {r['step']: r[metric] for r in metrics_lib.read_metrics(str(tmp_path)) if metric in r}
     best = (max if mode == 'max' else min)(evals.values())
@@ -194,11 +194,11 @@ def test_a_nonfinite_loss_stops_or_is_skipped_and_counted(tmp_path):
     loss is NaN: 'stop' ends at the first step
     without touching the parameters; 'skip' runs to the end, counting every update as skipped."""
     poisoned = {'data.mean': (0.5, 0.5, 0.5), 'data.std': (1e-30, 1e-30, 1e-30)}
-    with pytest.raises(NonFiniteError, match=r'non-finite loss or gradient at step 0; .* --config.nonfinite=skip'):
+    with pytest.raises(NonFiniteError, match=r'non-finite loss or gradient at step 0; .* --config.optim.nonfinite=skip'):
         train_and_evaluate(tiny_config(**poisoned), str(tmp_path / 'stop'))
     assert not os.path.exists(tmp_path / 'stop' / 'checkpoints' / '8')
 
-    config = tiny_config(**poisoned, nonfinite='skip')
+    config = tiny_config(**poisoned, **{'optim.nonfinite': 'skip'})
     train_and_evaluate(config, str(tmp_path / 'skip'))
     logged = [r for r in metrics_lib.read_metrics(str(tmp_path / 'skip')) if 'train/skipped_updates' in r]
     assert logged[-1]['train/skipped_updates'] == 8
@@ -216,7 +216,7 @@ def test_sigterm_to_the_process_group_of_a_streamed_run(tmp_path):
     """A scheduler signals the whole process group, Grain workers included: the run still saves
     and exits 75, and no worker outlives it."""
     args = [sys.executable, '-m', 'resnet_jax.train', *TINY, '--config.data.feed=stream', '--config.data.workers=2',
-            '--config.num_steps=100000', '--config.eval_every_steps=100000', '--config.checkpoint_every_steps=100000',
+            '--config.num_steps=100000', '--config.eval.every_steps=100000', '--config.checkpoint.every_steps=100000',
             f'--workdir={tmp_path}', '--nodistributed']
     with open(tmp_path / 'log', 'wb') as log:
         proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(1), stdout=log, stderr=subprocess.STDOUT,

@@ -31,12 +31,12 @@ ROOT = Path(__file__).parents[1]
 TINY = ['--config=experiments/quickstart.py', '--config.model.stage_sizes=(1,1,1)',
         '--config.model.widths=(8,16,32)', '--config.model.stem_width=8', '--config.data.image_size=8',
         '--config.data.num_train=256', '--config.data.num_eval=100', '--config.batch_size=16',
-        '--config.eval_batch_size=20', '--config.optim.warmup_steps=2', '--config.log_every_steps=2',
-        '--config.progress_seconds=0']
+        '--config.eval.batch_size=20', '--config.optim.warmup_steps=2', '--config.log.every_steps=2',
+        '--config.log.progress_seconds=0']
 STEPS = 6
-SHORT = [f'--config.num_steps={STEPS}', f'--config.eval_every_steps={STEPS}',
-         f'--config.checkpoint_every_steps={STEPS}']
-LONG = ['--config.num_steps=100000', '--config.eval_every_steps=100000', '--config.checkpoint_every_steps=100000']
+SHORT = [f'--config.num_steps={STEPS}', f'--config.eval.every_steps={STEPS}',
+         f'--config.checkpoint.every_steps={STEPS}']
+LONG = ['--config.num_steps=100000', '--config.eval.every_steps=100000', '--config.checkpoint.every_steps=100000']
 RUN_TIMEOUT = 300  # seconds; a generous bound on a 2-core machine, only reached when something hangs
 
 

@@ -85,7 +85,7 @@ def test_stream_order_does_not_depend_on_workers_or_processes(datasets):
 @pytest.mark.parametrize('feed', ['host', 'stream'])
 def test_evaluation_reads_every_example_once(datasets, feed):
     """13 test records in global batches of 6 over 2 processes: 3 batches, 5 padding rows masked."""
-    config = source_config(datasets, 'tfds', feed, eval_batch_size=6)
+    config = source_config(datasets, 'tfds', feed, **{'eval.batch_size': 6})
     source = pipeline.open_split(config, 'test')
     labels, masks = [], []
     for p in range(2):
@@ -111,8 +111,8 @@ def test_streamed_training_end_to_end(datasets, tmp_path):
                          f'--config.data.tfds_data_dir={datasets["tfds_dir"]}', '--config.data.feed=stream',
                          '--config.data.workers=2', '--config.data.augment=inception', '--config.data.image_size=16',
                          '--config.data.mixup_alpha=0.2', '--config.data.cutmix_alpha=1.0', '--config.batch_size=8',
-                         '--config.eval_batch_size=8', '--config.num_steps=6', '--config.optim.warmup_steps=1',
-                         '--config.log_every_steps=3', '--config.model.stage_sizes=(1,1,1)',
+                         '--config.eval.batch_size=8', '--config.num_steps=6', '--config.optim.warmup_steps=1',
+                         '--config.log.every_steps=3', '--config.model.stage_sizes=(1,1,1)',
                          '--config.model.widths=(8,16,32)', '--config.model.stem_width=8'])
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]

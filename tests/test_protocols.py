@@ -67,7 +67,7 @@ def test_validation_split_is_disjoint_deterministic_and_the_same_for_every_seed(
 def test_held_out_examples_are_evaluated_as_val_beside_eval():
     from resnet_jax.train.run import Run
 
-    run = Run(tiny_config(**{'data.validation_split': 48, 'best_metric': 'val/top1'}))
+    run = Run(tiny_config(**{'data.validation_split': 48, 'checkpoint.best_metric': 'val/top1'}))
     metrics = run.evaluate(run.initial_state())
     assert set(metrics) == {f'{p}/{m}' for p in ('eval', 'val') for m in ('top1', 'top5', 'loss')}
     assert len(run.val_data) == 48 and len(run.train_data) == 512 - 48
@@ -243,7 +243,7 @@ def test_goyal_warmup_starts_at_the_unscaled_rate():
     ({'data.pad_mode': 'reflect', 'data.augment': 'none'}, "data.pad_mode: pad_mode and pad_after_normalize set"),
     ({'data.pad_mode': 'edge'}, "pad_mode='edge' is not allowed; choose one of: 'zero', 'reflect'"),
     ({'data.normalize': 'per_pixel'}, "normalize='per_pixel' is not allowed"),
-    ({'best_metric': 'val/top1'}, 'best_metric: val/top1 needs held-out examples'),
+    ({'checkpoint.best_metric': 'val/top1'}, 'checkpoint.best_metric: val/top1 needs held-out examples'),
     ({'data.validation_split': -1}, 'data.validation_split: must be >= 0'),
     ({'model.bn_group_size': 5}, 'model.bn_group_size: BatchNorm groups of 5 must split the batch of 32'),
 ])

@@ -32,7 +32,7 @@ from resnet_jax.workdir import DONE_FILE
 
 TIMEOUT = 300  # seconds for any one job; reached only when something hangs
 STEPS = 6
-SHORT = [f'--config.num_steps={STEPS}', f'--config.eval_every_steps={STEPS}', f'--config.checkpoint_every_steps={STEPS}']
+SHORT = [f'--config.num_steps={STEPS}', f'--config.eval.every_steps={STEPS}', f'--config.checkpoint.every_steps={STEPS}']
 
 SWEEP_FILE = """
 from resnet_jax.sweep import product, seeds
@@ -43,9 +43,9 @@ def get_config(arg=None):
     c = from_file({quickstart!r})
     c.model.stage_sizes, c.model.widths, c.model.stem_width = (1, 1, 1), (8, 16, 32), 8
     c.data.image_size, c.data.num_train, c.data.num_eval = 8, 256, 100
-    c.batch_size, c.eval_batch_size, c.num_steps = 16, 20, 6
-    c.optim.warmup_steps, c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 2, 2, 6, 6
-    c.progress_seconds = 0.0
+    c.batch_size, c.eval.batch_size, c.num_steps = 16, 20, 6
+    c.optim.warmup_steps, c.log.every_steps, c.eval.every_steps, c.checkpoint.every_steps = 2, 2, 6, 6
+    c.log.progress_seconds = 0.0
     return c
 
 
@@ -177,8 +177,8 @@ def test_one_training_as_two_slurm_tasks_equals_one_process_with_two_devices(clu
 @pytest.mark.system
 def test_a_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, tmp_path):
     workdir, steps = tmp_path / 'run', 150
-    args = ['-m', 'resnet_jax.launch.slurm', *TINY, f'--config.num_steps={steps}', f'--config.eval_every_steps={steps}',
-            f'--config.checkpoint_every_steps={steps}', f'--workdir={workdir}', '--tasks_per_node=1',
+    args = ['-m', 'resnet_jax.launch.slurm', *TINY, f'--config.num_steps={steps}', f'--config.eval.every_steps={steps}',
+            f'--config.checkpoint.every_steps={steps}', f'--workdir={workdir}', '--tasks_per_node=1',
             '--slurm_cpus_per_task=1', '--slurm_wait', '--slurm_poll_seconds=1']
     proc = launcher(cluster, args, tmp_path / 'launch.log')
     deadline = time.monotonic() + TIMEOUT

@@ -44,8 +44,8 @@ from helpers import tiny_config
 
 def get_config(arg='resnet20'):
     return tiny_config(**{{'model.name': arg, 'data.num_train': 256, 'data.num_eval': 100, 'batch_size': 16,
-                          'eval_batch_size': 20, 'log_every_steps': 2, 'eval_every_steps': 4,
-                          'checkpoint_every_steps': 4}})
+                          'eval.batch_size': 20, 'log.every_steps': 2, 'eval.every_steps': 4,
+                          'checkpoint.every_steps': 4}})
 
 
 def get_sweep(arg=''):

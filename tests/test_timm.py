@@ -169,9 +169,9 @@ def test_readme_lists_the_timm_models():
 # A ResNet-26-D with SE, shrunk: the deep stem, avg-pool shortcuts and SE modules all take part.
 TINY_D = {'model.name': 'resnet26_d', 'model.stage_sizes': '(1,1,1,1)', 'model.widths': '(8,8,16,16)',
           'model.stem_width': 8, 'model.se_ratio': 0.25, 'model.se_divisor': 8, 'data.image_size': 16,
-          'data.num_train': 64, 'data.num_eval': 32, 'batch_size': 16, 'eval_batch_size': 16, 'num_steps': 1,
-          'optim.lr': 1e-30, 'optim.weight_decay': 0.0, 'optim.warmup_steps': 0, 'log_every_steps': 1,
-          'eval_every_steps': 1, 'checkpoint_every_steps': 1, 'progress_seconds': 0}
+          'data.num_train': 64, 'data.num_eval': 32, 'batch_size': 16, 'eval.batch_size': 16, 'num_steps': 1,
+          'optim.lr': 1e-30, 'optim.weight_decay': 0.0, 'optim.warmup_steps': 0, 'log.every_steps': 1,
+          'eval.every_steps': 1, 'checkpoint.every_steps': 1, 'log.progress_seconds': 0}
 
 
 @pytest.mark.slow
@@ -186,7 +186,7 @@ def test_init_from_timm_and_export_to_timm_from_the_command_line(tmp_path):
     workdir = tmp_path / 'run'
     result = run_module(['-m', 'resnet_jax.train', '--config=experiments/quickstart.py', f'--workdir={workdir}',
                          *(f'--config.{k}={v}' for k, v in TINY_D.items()),
-                         f'--config.init_from=timm:{tmp_path / "timm.safetensors"}'])
+                         f'--config.init.source=timm:{tmp_path / "timm.safetensors"}'])
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / 'exported.safetensors'
     export.export(str(workdir), str(out), format='timm')  # the command's body: a subprocess costs a minute here

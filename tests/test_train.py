@@ -44,7 +44,7 @@ def test_data_parallel_and_fsdp_match_one_device():
 
 def test_evaluation_covers_every_example_of_a_ragged_split():
     run = Run(tiny_config())
-    assert len(run.eval_data) % run.config.eval_batch_size != 0  # 103 examples, batches of 24
+    assert len(run.eval_data) % run.config.eval.batch_size != 0  # 103 examples, batches of 24
     state = run.initial_state()
     metrics = run.evaluate(state)
     variables = {'params': state.params, 'batch_stats': state.batch_stats}

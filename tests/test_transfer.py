@@ -58,8 +58,8 @@ def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state(source
     """Stem and stage 1 frozen with their BatchNorms, l2 weight decay on: after 8 steps they and
     their running statistics equal the source bit for bit, the optimizer state has no entry for
     them, everything else changed; and a run cut in two at step 4 ends bit-identical."""
-    overrides = {'init_from': f'checkpoint:{source}', 'finetune.freeze': FROZEN,
-                 'finetune.freeze_batch_stats': 'frozen', 'checkpoint_every_steps': 4}
+    overrides = {'init.source': f'checkpoint:{source}', 'finetune.freeze': FROZEN,
+                 'finetune.freeze_batch_stats': 'frozen', 'checkpoint.every_steps': 4}
     train_and_evaluate(constant(**overrides), str(tmp_path / 'whole'))
     _, restored = restore_workdir(str(tmp_path / 'whole'))
     start = checkpoint.read_numpy(checkpoint.step_dir(str(source)))
@@ -149,16 +149,16 @@ def test_bad_fine_tuning_configs_fail_naming_the_problem(source, monkeypatch):
         ({'finetune.freeze_batch_stats': 'some'}, r"config.finetune.freeze_batch_stats: .*'none', 'frozen', 'all'"),
         ({'finetune.layer_lr_decay': 0.0}, r'config.finetune.layer_lr_decay: must be in \(0, 1\]'),
         ({'finetune.linear_probe': True, 'finetune.freeze': FROZEN}, r'config.finetune.freeze: .* does not apply to'),
-        ({'init_head': 'new'}, r"config.init_head: init_head='new' is not allowed; choose one of: 'keep', 'replace'"),
+        ({'init.head': 'new'}, r"config.init.head: head='new' is not allowed; choose one of: 'keep', 'replace'"),
     ]:
         with pytest.raises(ConfigError, match=message):
             validate(tiny_config(**overrides), 1)
 
-    run = Run(tiny_config(**{'data.dataset': 'synthetic', 'model.num_classes': 7, 'init_from': f'checkpoint:{source}'}))
+    run = Run(tiny_config(**{'data.dataset': 'synthetic', 'model.num_classes': 7, 'init.source': f'checkpoint:{source}'}))
     monkeypatch.setattr(Run, 'initial_state', lambda self: pytest.fail('compiled before the check'))
-    with pytest.raises(ConfigError, match=r'config.init_from: checkpoint:.*: its classifier head params/head/bias '
+    with pytest.raises(ConfigError, match=r'config.init.source: checkpoint:.*: its classifier head params/head/bias '
                                           r"has shape \(10,\), and this model \(num_classes=7\) needs \(7,\)\. "
-                                          r"Set init_head='replace'"):
+                                          r"Set init.head='replace'"):
         run.first_state()
 
 
@@ -166,8 +166,8 @@ def test_probe_checkpoint_is_the_network_with_its_head_and_resumes(source, tmp_p
     """A probe's checkpoint evaluated through the whole network (resnet_jax.evaluate) gives the
     probe's own result from cached features, the backbone is the source's, and a probe cut in two
     ends with the head of an uncut one."""
-    overrides = {'init_from': f'checkpoint:{source}', 'init_head': 'replace', 'finetune.linear_probe': True,
-                 'num_steps': 20, 'log_every_steps': 5, 'eval_every_steps': 20, 'checkpoint_every_steps': 10}
+    overrides = {'init.source': f'checkpoint:{source}', 'init.head': 'replace', 'finetune.linear_probe': True,
+                 'num_steps': 20, 'log.every_steps': 5, 'eval.every_steps': 20, 'checkpoint.every_steps': 10}
     whole = tmp_path / 'whole'
     final = train_and_evaluate(constant(**overrides), str(whole))
     evaluated = evaluate_workdir(str(whole))
@@ -200,20 +200,20 @@ def test_linear_probe_of_a_trained_network_beats_one_of_a_random_network(tmp_pat
     data = small_cifar(tmp_path / 'cifar')
     common = ['-m', 'resnet_jax.train', '--config=experiments/cifar10.py:resnet20', f'--config.data.dataset=folder:{data}',
               '--config.model.stage_sizes=(1,1,1)', '--config.model.widths=(8,16,32)', '--config.model.stem_width=8',
-              '--config.data.image_size=16', '--config.batch_size=64', '--config.eval_batch_size=500',
-              '--config.optim.boundaries=()', '--config.optim.schedule=cosine', '--config.progress_seconds=0',
+              '--config.data.image_size=16', '--config.batch_size=64', '--config.eval.batch_size=500',
+              '--config.optim.boundaries=()', '--config.optim.schedule=cosine', '--config.log.progress_seconds=0',
               '--config.data.validation_split=0']  # all 3,000 training images (the recipe holds out 5,000 of 50k)
     env = cli_env(1)
-    trained = run_module([*common, '--config.num_steps=150', '--config.eval_every_steps=150',
-                          '--config.checkpoint_every_steps=150', '--config.optim.warmup_steps=10',
+    trained = run_module([*common, '--config.num_steps=150', '--config.eval.every_steps=150',
+                          '--config.checkpoint.every_steps=150', '--config.optim.warmup_steps=10',
                           '--config.optim.weight_decay=5e-4', f'--workdir={tmp_path / "trained"}'], env=env)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    probe = [*common, '--config.finetune.linear_probe=True', '--config.init_head=replace', '--config.num_steps=300',
-             '--config.eval_every_steps=300', '--config.checkpoint_every_steps=300', '--config.log_every_steps=100',
+    probe = [*common, '--config.finetune.linear_probe=True', '--config.init.head=replace', '--config.num_steps=300',
+             '--config.eval.every_steps=300', '--config.checkpoint.every_steps=300', '--config.log.every_steps=100',
              '--config.optim.lr=0.5', '--config.optim.weight_decay=0', '--config.optim.warmup_steps=0']
     runs = {name: subprocess.Popen([sys.executable, *probe, *extra, f'--workdir={tmp_path / name}'], cwd=ROOT, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for name, extra in (('probe_trained', [f'--config.init_from=checkpoint:{tmp_path / "trained"}']),
+            for name, extra in (('probe_trained', [f'--config.init.source=checkpoint:{tmp_path / "trained"}']),
                                 ('probe_random', []))}
     top1 = {}
     for name, proc in runs.items():

@@ -91,7 +91,7 @@ def launch_options():
 
 # ------------------------------------------------------------------------------------------- restore
 
-CONFIG = {'checkpoint_every_steps': 4}  # checkpoints 4 and 8
+CONFIG = {'checkpoint.every_steps': 4}  # checkpoints 4 and 8
 
 
 @pytest.fixture(scope='module')
@@ -145,7 +145,7 @@ def test_all_damaged_is_an_error_unless_asked_to_start_over(trained):
 def test_a_state_that_no_longer_fits_is_an_error_naming_the_leaf_not_damage(trained):
     tmp_path = trained
     wider = tiny_config(**CONFIG, **{'model.widths': (8, 16, 48), 'num_steps': 12,
-                           'resume_allow_changes': ('model.widths',)})
+                           'checkpoint.resume_allow_changes': ('model.widths',)})
     with pytest.raises(checkpoint.CheckpointError,
                        match=r'checkpoint .*/8 does not fit the model this config builds: \S+ is shape \(.*\) float32 '
                              r'in the checkpoint and shape \(.*48.*\) float32 here\. Nothing was changed'):
@@ -306,7 +306,7 @@ def test_a_full_disk_stops_with_an_error_and_the_run_resumes_once_there_is_space
     run = tmp_path / 'disk' / 'run'
     run.parent.mkdir()
     train = shlex.join([sys.executable, '-m', 'resnet_jax.train', *TINY, '--config.num_steps=40',
-                        '--config.checkpoint_every_steps=2', '--config.eval_every_steps=40', f'--workdir={run}',
+                        '--config.checkpoint.every_steps=2', '--config.eval.every_steps=40', f'--workdir={run}',
                         '--nodistributed'])
     script = (f'mount -t tmpfs -o size=600k tmpfs {shlex.quote(str(run.parent))} || exit 9; {train}; echo "rc=$?"; '
               f'mount -o remount,size=16M {shlex.quote(str(run.parent))}; {train}; echo "rc=$?"; '

@@ -54,7 +54,7 @@ def _config(model: str, batch: int, dtype: str, source: str, remat: bool, image_
     c.model.dtype = dtype
     c.model.remat = remat
     c.batch_size = batch
-    c.eval_batch_size = batch
+    c.eval.batch_size = batch
     c.num_steps = 1
     preset = get_model(model)
     c.model.num_classes = preset.num_classes  # 1000 for ImageNet nets: the synthetic set follows it
@@ -66,7 +66,7 @@ def _config(model: str, batch: int, dtype: str, source: str, remat: bool, image_
     c.data.dataset = 'synthetic' if source == 'synthetic' else dataset
     c.data.num_train = batch if source == 'synthetic' else num_examples
     c.data.num_eval = batch
-    c.peak_tflops_per_device = peak_tflops
+    c.log.peak_tflops_per_device = peak_tflops
     return c
 
 
@@ -220,7 +220,7 @@ def population_table(rows: list[dict]) -> str:
 
 def _set_batch(config, batch: int) -> None:
     """Point a synthetic-source config at another batch size (one batch of data is all it needs)."""
-    config.batch_size = config.eval_batch_size = config.data.num_train = config.data.num_eval = batch
+    config.batch_size = config.eval.batch_size = config.data.num_train = config.data.num_eval = batch
 
 
 def largest_batch(config, limit_gib: float | None = None, granularity: int = 32) -> dict:

@@ -142,8 +142,8 @@ def eval_batches(config, source, process_index: int, process_count: int):
     """The whole split once, in order, this process's slice of each global batch; the last one is
     padded and masked, never dropped."""
     if config.data.feed != 'stream':
-        return arrays.eval_batches(source, config.eval_batch_size, process_index, process_count)
-    d, batch = config.data, config.eval_batch_size
+        return arrays.eval_batches(source, config.eval.batch_size, process_index, process_count)
+    d, batch = config.data, config.eval.batch_size
     local = batch // process_count
     num_batches = -(-len(source) // batch)
     record = EvalRecord(source, batch, local, process_index * local, d.augment, d.image_size, d.on_corrupt,

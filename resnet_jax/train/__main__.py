@@ -2,7 +2,7 @@
 
 Exit codes (resnet_jax.workdir): 0 done; 2 a bad flag or config value (printed as 'error: ...', nothing
 started); 1 a workdir or checkpoint that cannot continue (printed as 'error: ...') or a crash; 3 a
-NaN/Inf loss or gradient with config.nonfinite='stop'; 73 the workdir is in use by another training;
+NaN/Inf loss or gradient with config.optim.nonfinite='stop'; 73 the workdir is in use by another training;
 75 stopped by SIGTERM, SIGUSR1 or Ctrl-C, after saving anything new (run the same command again);
 130 a second Ctrl-C (stopped at once).
 

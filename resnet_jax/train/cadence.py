@@ -3,7 +3,7 @@ stop on a signal or pre-emption, check for non-finite updates, and mark the run 
 
 A caller supplies only its step (`step(state, index) -> (state, metrics)`) and its evaluation
 (`evaluate(state) -> metrics`); `run_steps` does the rest on the config's schedule
-(log_every_steps, eval_every_steps, checkpoint_every_steps, and always at the last step).
+(log.every_steps, eval.every_steps, checkpoint.every_steps, and always at the last step).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Preempted(Exception):
 
 
 class NonFiniteError(RuntimeError):
-    """A NaN/Inf loss or gradient under config.nonfinite='stop'; the state holds no NaN."""
+    """A NaN/Inf loss or gradient under config.optim.nonfinite='stop'; the state holds no NaN."""
 
 
 @dataclasses.dataclass
@@ -67,13 +67,13 @@ def run_steps(run, state, start: int, steps: Steps, manager, writer, workdir: st
     """Train `run` from `state` at step `start` to run.num_steps; returns the final metrics.
 
     Raises Preempted after saving when a stop signal (or, across processes, a pre-emption) arrives,
-    and NonFiniteError at the first non-finite update under config.nonfinite='stop'. The writer is
+    and NonFiniteError at the first non-finite update under config.optim.nonfinite='stop'. The writer is
     the caller's; the done marker and the plot are written here after the last step.
     """
     config, lead = run.config, jax.process_index() == 0
     if lead:  # a finished run given more steps
         workdir_lib.clear_done(workdir)
-    progress = metrics_lib.ProgressLogger(run.num_steps, config.progress_seconds, print_fn=printer(lead))
+    progress = metrics_lib.ProgressLogger(run.num_steps, config.log.progress_seconds, print_fn=printer(lead))
     coordinated = jax.process_count() > 1  # JAX's pre-emption notifier owns SIGTERM; Orbax syncs the stop step
 
     def should_stop(step: int) -> str | None:
@@ -90,12 +90,12 @@ def run_steps(run, state, start: int, steps: Steps, manager, writer, workdir: st
         'stop', stop at the first."""
         nonlocal skipped_updates
         flags = [float(m) for m in jax.device_get([m['train/nonfinite'] for m in pending])]
-        if config.nonfinite == 'stop' and any(flags):
+        if config.optim.nonfinite == 'stop' and any(flags):
             bad = done - len(flags) + flags.index(1.0)
             raise NonFiniteError(
                 f'non-finite loss or gradient at step {bad}; its update was not applied. The newest checkpoint '
                 f'({manager.steps()[-1] if manager.steps() else "none yet"}) is intact. Lower the learning rate, '
-                "or skip such updates with --config.nonfinite=skip")
+                "or skip such updates with --config.optim.nonfinite=skip")
         skipped_updates += int(sum(flags))
         for m in pending:
             m['train/nonfinite'] = 0.0  # counted
@@ -115,7 +115,7 @@ def run_steps(run, state, start: int, steps: Steps, manager, writer, workdir: st
         window_steps += 1
         done = step + 1
         last = done == run.num_steps
-        if done % config.log_every_steps == 0 or last:
+        if done % config.log.every_steps == 0 or last:
             count_nonfinite(done)
             values = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]
                       if k != 'train/nonfinite'}
@@ -128,7 +128,7 @@ def run_steps(run, state, start: int, steps: Steps, manager, writer, workdir: st
             final.update(values)
             pending, window_start, window_steps, paused = [], time.perf_counter(), 0, 0.0
         results = None
-        if done % config.eval_every_steps == 0 or last:
+        if done % config.eval.every_steps == 0 or last:
             eval_start = time.perf_counter()
             results = steps.evaluate(state)
             writer.write(done, results)
@@ -136,7 +136,7 @@ def run_steps(run, state, start: int, steps: Steps, manager, writer, workdir: st
                 print(f'step {done}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()), flush=True)
             final.update(results)
             paused += time.perf_counter() - eval_start
-        saved = done % config.checkpoint_every_steps == 0 or last
+        saved = done % config.checkpoint.every_steps == 0 or last
         if saved:
             save(done, results)
         stopping = None if last else should_stop(done)

@@ -12,11 +12,13 @@ checks its own section next to the code that implements it (the choice lists liv
     optim (schedule)    resnet_jax.train.optim.check_config / check_schedule
     finetune            resnet_jax.train.finetune.check_config
     checkpoint, init    resnet_jax.checkpoint.check_config
+    log, eval           ranges only (RANGES)
     mesh                resnet_jax.sharding.check_config
 
 and `validate` composes them with the checks that span sections: value ranges (one table, `RANGES`),
 and the batch against the mesh and the feed. The resolved config is stored with a run as JSON
-(`write_resolved`, `load_resolved`), and a resumed run may differ from it only in SAFE_TO_CHANGE.
+(`write_resolved`, `load_resolved`; an older run's flat field names are moved into their sections,
+RENAMED), and a resumed run may differ from it only in SAFE_TO_CHANGE.
 """
 
 from __future__ import annotations
@@ -41,20 +43,31 @@ from resnet_jax.models.design import BlockDesign
 from resnet_jax.train import finetune, optim
 
 NONFINITE = ('stop', 'skip')
-# Fields a resumed run may change without --config.resume_allow_changes: they do not alter what
-# is computed (num_steps/num_epochs extend or shorten the run, and change schedules that depend on it).
-SAFE_TO_CHANGE = ('log_every_steps', 'progress_seconds', 'eval_every_steps', 'eval_batch_size',
-                  'checkpoint_every_steps', 'keep_checkpoints', 'keep_best_checkpoints', 'best_metric', 'best_mode',
-                  'peak_tflops_per_device', 'data.workers', 'num_steps', 'num_epochs', 'resume_allow_changes',
-                  'init_from', 'init_head')
+# Fields a resumed run may change without --config.checkpoint.resume_allow_changes: they do not alter
+# what is computed (num_steps/num_epochs extend or shorten the run, and change schedules that depend on it).
+SAFE_TO_CHANGE = ('log.every_steps', 'log.progress_seconds', 'log.peak_tflops_per_device', 'eval.every_steps',
+                  'eval.batch_size', 'checkpoint.every_steps', 'checkpoint.keep', 'checkpoint.keep_best',
+                  'checkpoint.best_metric', 'checkpoint.best_mode', 'checkpoint.resume_allow_changes', 'init.source',
+                  'init.head', 'data.workers', 'num_steps', 'num_epochs')
+# The flat names of fields that now live in a section. A workdir written before the grouping (its
+# config.json or a checkpoint's metadata) is read with them moved, so a run killed then still resumes.
+RENAMED = {
+    'eval_batch_size': 'eval.batch_size', 'eval_every_steps': 'eval.every_steps',
+    'log_every_steps': 'log.every_steps', 'progress_seconds': 'log.progress_seconds',
+    'peak_tflops_per_device': 'log.peak_tflops_per_device', 'checkpoint_every_steps': 'checkpoint.every_steps',
+    'keep_checkpoints': 'checkpoint.keep', 'keep_best_checkpoints': 'checkpoint.keep_best',
+    'best_metric': 'checkpoint.best_metric', 'best_mode': 'checkpoint.best_mode',
+    'resume_allow_changes': 'checkpoint.resume_allow_changes', 'init_from': 'init.source',
+    'init_head': 'init.head', 'nonfinite': 'optim.nonfinite',
+}
 # The allowed range of every numeric field that has one (for a tuple, of each element); the model's
 # design fields are checked by the model itself, and every float of the config must be finite. One table
 # for every section: the ranges are data, checked and phrased the same way whichever subsystem owns them.
 RANGES = {
-    'batch_size': '[1, inf)', 'eval_batch_size': '[1, inf)', 'num_steps': '[1, inf)', 'num_epochs': '(0, inf)',
-    'seed': '[0, 2147483648)', 'log_every_steps': '[1, inf)', 'progress_seconds': '[0, inf)',
-    'eval_every_steps': '[1, inf)', 'checkpoint_every_steps': '[1, inf)', 'keep_checkpoints': '[1, inf)',
-    'keep_best_checkpoints': '[0, inf)', 'peak_tflops_per_device': '(0, inf)',
+    'batch_size': '[1, inf)', 'eval.batch_size': '[1, inf)', 'num_steps': '[1, inf)', 'num_epochs': '(0, inf)',
+    'seed': '[0, 2147483648)', 'log.every_steps': '[1, inf)', 'log.progress_seconds': '[0, inf)',
+    'eval.every_steps': '[1, inf)', 'checkpoint.every_steps': '[1, inf)', 'checkpoint.keep': '[1, inf)',
+    'checkpoint.keep_best': '[0, inf)', 'log.peak_tflops_per_device': '(0, inf)',
     'data.image_size': '[1, inf)', 'data.train_subset': '[0, inf)', 'data.eval_crop_fraction': '(0, 1]',
     'data.mixup_alpha': '[0, inf)', 'data.cutmix_alpha': '[0, inf)', 'data.mean': '[0, 1]', 'data.std': '(0, inf)',
     'data.workers': '[0, inf)', 'data.validation_split': '[0, inf)', 'data.num_train': '[1, inf)', 'data.num_eval': '[1, inf)',
@@ -119,7 +132,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_eval = 2_000
 
     c.batch_size = 128                 # global, over all processes and devices
-    c.eval_batch_size = 500
     c.num_steps = config_dict.placeholder(int)
     c.num_epochs = config_dict.placeholder(float)
     c.seed = 0
@@ -150,6 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.label_smoothing = 0.0
     c.optim.grad_clip_norm = 0.0       # 0 = off
     c.optim.ema_decay = 0.0            # 0 = off; else EMA parameters are evaluated as 'ema_eval/*'
+    c.optim.nonfinite = 'stop'         # a NaN/Inf loss or gradient: 'stop' the run, or 'skip' the update
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                   # -1: every device not used by the other axes
@@ -157,24 +170,32 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.param_rules = (('.*', 'replicate'),)  # (regex on 'a/b/kernel', 'replicate'|'fsdp'), first match
     c.mesh.fsdp_min_size = 2 ** 14     # smaller parameters stay replicated under 'fsdp'
 
-    c.log_every_steps = 50
-    c.progress_seconds = 5.0
-    c.eval_every_steps = 1000
-    c.checkpoint_every_steps = 1000
-    c.keep_checkpoints = 3             # the newest K are kept ...
-    c.keep_best_checkpoints = 0        # ... and the best K by best_metric (0: off)
-    c.best_metric = 'eval/top1'
-    c.best_mode = 'max'
-    c.nonfinite = 'stop'               # a NaN/Inf loss or gradient: 'stop' the run, or 'skip' the update
-    c.resume_allow_changes = ()        # fields allowed to differ from the stored config on resume
-    c.init_from = ''                   # a new run starts from 'checkpoint:<workdir>', 'torchvision:<file>' or 'timm:<file>'
-    c.init_head = 'keep'               # init_from's classifier head: 'keep' (its shape must fit) or 'replace' (fresh)
+    c.log = ml_collections.ConfigDict()  # what a run reports while it trains
+    c.log.every_steps = 50             # training metrics to metrics.jsonl and TensorBoard
+    c.log.progress_seconds = 5.0       # at most one progress line per this many seconds
+    c.log.peak_tflops_per_device = config_dict.placeholder(float)  # overrides the device table for MFU
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 1000
+    c.eval.batch_size = 500            # global, like batch_size
+
+    c.checkpoint = ml_collections.ConfigDict()  # see resnet_jax/checkpoint.py
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.keep = 3              # the newest K are kept ...
+    c.checkpoint.keep_best = 0         # ... and the best K by checkpoint.best_metric (0: off)
+    c.checkpoint.best_metric = 'eval/top1'
+    c.checkpoint.best_mode = 'max'
+    c.checkpoint.resume_allow_changes = ()  # fields allowed to differ from the stored config on resume
+
+    c.init = ml_collections.ConfigDict()  # a new run's starting weights (see checkpoint.warm_start)
+    c.init.source = ''                 # '': from the seed; 'checkpoint:<workdir>', 'torchvision:<file>' or 'timm:<file>'
+    c.init.head = 'keep'               # the source's classifier head: 'keep' (its shape must fit) or 'replace' (fresh)
+
     c.finetune = ml_collections.ConfigDict()  # see resnet_jax/train/finetune.py
     c.finetune.freeze = ()             # regexes on parameter paths ('params/stem_.*', 'params/stage1_.*')
     c.finetune.freeze_batch_stats = 'none'  # BatchNorms in eval mode: 'none', 'frozen' (frozen layers), 'all'
     c.finetune.layer_lr_decay = 1.0    # lr x decay ** (blocks between a parameter and the head); 1.0: off
     c.finetune.linear_probe = False    # train only the head, on features computed once in eval mode
-    c.peak_tflops_per_device = config_dict.placeholder(float)  # overrides the device table for MFU
     c.lock()  # experiment files and the command line may change fields, never invent them
     return c
 
@@ -250,7 +271,7 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
     `num_train` (the training set's size) the step counts that depend on it are checked too."""
     _check_ranges(config)
     model = registry.check_config(config)
-    check_field_choice('nonfinite', config.nonfinite, NONFINITE)
+    check_field_choice('optim.nonfinite', config.optim.nonfinite, NONFINITE)
     sources.check_config(config)
     augment.check_config(config)
     feed_lib.check_config(config)
@@ -260,7 +281,7 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
 
     data, fsdp = sharding.check_config(config, num_devices)
     shards = data * fsdp
-    for field in ('batch_size', 'eval_batch_size'):
+    for field in ('batch_size', 'eval.batch_size'):
         if config[field] % shards:
             refuse(field, f'{config[field]} is not divisible by the {shards} data shards '
                           f'(mesh data={data} x fsdp={fsdp}); use a multiple of {shards}')
@@ -277,8 +298,8 @@ def validate(config, num_devices: int, num_train: int | None = None) -> None:
 
 def _check_ranges(config) -> None:
     """Every float finite, every field of RANGES inside its range, every name in
-    resume_allow_changes a field."""
-    flat = _flatten(config.to_dict())
+    checkpoint.resume_allow_changes a field."""
+    flat = flatten(config.to_dict())
     for field, value in flat.items():
         for v in value if isinstance(value, (tuple, list)) else (value,):
             if isinstance(v, float) and not math.isfinite(v):
@@ -291,9 +312,9 @@ def _check_ranges(config) -> None:
     for field in ('optim.boundaries', 'optim.boundary_epochs'):
         if list(flat[field]) != sorted(set(flat[field])):
             refuse(field, f'must be strictly increasing, got {flat[field]!r}')
-    for name in config.resume_allow_changes:
+    for name in config.checkpoint.resume_allow_changes:
         if name not in flat:
-            refuse('resume_allow_changes', f'{name!r} is not a config field.{close_matches(name, flat)}')
+            refuse('checkpoint.resume_allow_changes', f'{name!r} is not a config field.{close_matches(name, flat)}')
 
 
 def _in_range(value, interval: str) -> bool:
@@ -312,22 +333,23 @@ def _describe(interval: str) -> str:
 
 def check_resume(stored: dict, config) -> None:
     """Refuse to continue a run whose stored config (`stored`, as JSON) differs from `config` in a
-    field that changes what is computed, unless config.resume_allow_changes lists it."""
-    old, new = _flatten(stored), _flatten(json.loads(to_json(config)))
+    field that changes what is computed, unless config.checkpoint.resume_allow_changes lists it."""
+    old, new = _regrouped(stored), flatten(json.loads(to_json(config)))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    allowed = set(SAFE_TO_CHANGE) | set(config.resume_allow_changes)
+    allowed = set(SAFE_TO_CHANGE) | set(config.checkpoint.resume_allow_changes)
     refused = [k for k in changed if k not in allowed]
     if refused:
         raise ConfigError('the workdir holds checkpoints of a run with a different config: ' + '; '.join(
             f'{k} was {old.get(k)!r}, now {new.get(k)!r}' for k in refused) + '. Use another --workdir, or '
-            f"continue anyway with --config.resume_allow_changes=\"{tuple(refused)}\"")
+            f"continue anyway with --config.checkpoint.resume_allow_changes=\"{tuple(refused)}\"")
 
 
-def _flatten(tree: dict, prefix: str = '') -> dict:
+def flatten(tree: dict, prefix: str = '') -> dict:
+    """{"a.b": leaf} of a nested dict: configs are compared and reported field by field, by dotted path."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f'{prefix}{key}.'))
+            out.update(flatten(value, f'{prefix}{key}.'))
         else:
             out[prefix + key] = value
     return out
@@ -352,16 +374,19 @@ def load_resolved(workdir: str) -> ml_collections.ConfigDict:
         raise workdir_lib.WorkdirError(f'{workdir} has no {workdir_lib.CONFIG_FILE} and no checkpoint: is it a '
                                        'resnet_jax.train workdir?')
     config = base_config()
-    _update(config, raw)
+    for key, value in _regrouped(raw).items():
+        if isinstance(value, list):  # JSON has no tuples
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        section, _, field = key.rpartition('.')
+        (config[section] if section else config)[field] = value
     return config
 
 
-def _update(config, raw: dict, prefix: str = '') -> None:
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            _update(config[key], value, f'{prefix}{key}.')
-        elif isinstance(value, list):
-            config[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        else:
-            config[key] = value
-
+def _regrouped(stored: dict) -> dict:
+    """A stored config (JSON) as dotted names, RENAMED's flat ones moved into their sections, in the list
+    of checkpoint.resume_allow_changes too: what an older run recorded, in today's fields."""
+    flat = {RENAMED.get(key, key): value for key, value in flatten(stored).items()}
+    allowed = 'checkpoint.resume_allow_changes'
+    if allowed in flat:
+        flat[allowed] = [RENAMED.get(name, name) for name in flat[allowed]]
+    return flat

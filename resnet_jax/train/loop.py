@@ -28,7 +28,7 @@ def train_and_evaluate(config, workdir: str, restart_from_scratch: bool = False)
     """Train `config` in `workdir`, continuing from its newest undamaged checkpoint; return the final metrics.
 
     Holds the workdir's lock throughout (WorkdirBusy if another process has it). Raises Preempted
-    after saving when a stop signal arrives, NonFiniteError on a NaN/Inf with config.nonfinite='stop',
+    after saving when a stop signal arrives, NonFiniteError on a NaN/Inf with config.optim.nonfinite='stop',
     ConfigError when the workdir holds a run with another config, and CheckpointError when a
     checkpoint does not fit or every one is damaged (`restart_from_scratch` then starts over).
     """
@@ -73,7 +73,7 @@ def _train(run: Run, restored, manager, writer, workdir: str, signals, own_signa
         state = run.first_state()
     else:
         state, rng = restored.state, jax.random.wrap_key_data(np.asarray(restored.meta['rng'], np.uint32))
-        batches.set_state(restored.data, allow_order_change=bool(config.resume_allow_changes))
+        batches.set_state(restored.data, allow_order_change=bool(config.checkpoint.resume_allow_changes))
         skipped_updates = restored.meta['skipped_updates']
         if restored.data['step'] != restored.step:
             raise ValueError(f'checkpoint {restored.step}: its data iterator is at step {restored.data["step"]}')

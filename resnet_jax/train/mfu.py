@@ -13,10 +13,10 @@ PEAK_TFLOPS = {'H200': 989.0, 'H100': 989.0, 'A100': 312.0, 'L4': 121.0, 'V100':
 
 
 def peak_flops_per_device(config) -> float | None:
-    """The peak FLOP/s of one device: config.peak_tflops_per_device if set, else the `PEAK_TFLOPS`
+    """The peak FLOP/s of one device: config.log.peak_tflops_per_device if set, else the `PEAK_TFLOPS`
     entry of this device kind; None for a device not in the table (MFU is then not reported)."""
-    if config.peak_tflops_per_device is not None:
-        return config.peak_tflops_per_device * 1e12
+    if config.log.peak_tflops_per_device is not None:
+        return config.log.peak_tflops_per_device * 1e12
     kind = jax.devices()[0].device_kind
     return next((tflops * 1e12 for name, tflops in PEAK_TFLOPS.items() if name in kind), None)
 

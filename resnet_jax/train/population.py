@@ -62,7 +62,7 @@ def check_population(configs) -> tuple:
     own values out of the design, so that resnet20 and plain20 (option A) share one network."""
     if not configs:
         raise ConfigError('a population needs at least one member config')
-    flats = [config_lib._flatten(json.loads(config_lib.to_json(c))) for c in configs]
+    flats = [config_lib.flatten(json.loads(config_lib.to_json(c))) for c in configs]
     for field in flats[0]:
         if not field.startswith('model.') and field not in MEMBER_CONFIG_FIELDS:
             _same(field, [f.get(field) for f in flats], 'it changes shapes, control flow or what every member shares')

@@ -68,15 +68,15 @@ class Run:
 
     def first_state(self):
         """The state a new run starts from: `initial_state`, or for fine-tuning the weights of
-        config.init_from (read and checked before anything is compiled) with a fresh optimizer."""
+        config.init.source (read and checked before anything is compiled) with a fresh optimizer."""
         config = self.config
-        if not config.init_from:
+        if not config.init.source:
             return self.initial_state()
         try:
-            loaded = checkpoint.warm_start(config.init_from, self.model, self.abstract_state.params,
-                                           self.abstract_state.batch_stats, config.init_head)
+            loaded = checkpoint.warm_start(config.init.source, self.model, self.abstract_state.params,
+                                           self.abstract_state.batch_stats, config.init.head)
         except ValueError as e:
-            raise ConfigError(f'config.init_from: {e}') from None
+            raise ConfigError(f'config.init.source: {e}') from None
         state = self.initial_state()
         params, batch_stats = jax.tree_util.tree_map(  # a replaced head keeps its initialisation
             lambda w, fresh: fresh if isinstance(w, jax.ShapeDtypeStruct) else w, loaded,

@@ -85,7 +85,7 @@ def train_step(state: TrainState, inputs, rng, *, model, optimizer, config, mean
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient leaves the state as it was (the loop stops or counts it, per
-    # config.nonfinite), so no NaN ever reaches the parameters or a checkpoint.
+    # config.optim.nonfinite), so no NaN ever reaches the parameters or a checkpoint.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updated = TrainState(step=state.step, params=params, batch_stats=batch_stats, opt_state=opt_state, ema_params=ema)
     guarded = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, state)
