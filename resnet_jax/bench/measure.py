@@ -39,6 +39,7 @@ from resnet_jax.models.registry import native_resolution
 from resnet_jax.models.torchvision_import import from_torchvision
 from resnet_jax.train import mfu
 from resnet_jax.train.config import base_config
+from resnet_jax.train.population import Population
 from resnet_jax.train.run import Run
 
 
@@ -141,8 +142,6 @@ def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None
 def _window_times(step, state, steps: int, window: int):
     """(state, metrics, seconds per step of each window): `step(state) -> (state, metrics)` run in windows of
     `window` steps, with one device synchronisation per window."""
-    import jax
-
     per_step = []
     for _ in range(max(1, steps // window)):
         t0 = time.perf_counter()
@@ -157,10 +156,6 @@ def measure_population(config, size: int, steps: int, warmup: int, window: int) 
     """Time a population of `size` copies of `config` (seeds 0..size-1) on one fixed device-resident batch
     per member, trained by the vmapped step and by a Python loop over the members inside one jit:
     {'vmap': {...}, 'loop': {...}} with member-images/s, step time, compile time and memory."""
-    import jax
-
-    from resnet_jax.train.population import Population
-
     configs = [config.copy_and_resolve_references() for _ in range(size)]
     for seed, c in enumerate(configs):
         c.seed = seed
