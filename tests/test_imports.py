@@ -26,6 +26,7 @@ Each test lists every problem as 'path:line: what (why)'.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,3 +284,12 @@ def test_public_definitions_have_docstrings():
                                         'docstring')
     why = 'public definitions without a docstring (one or two sentences that say why it exists)'
     assert not problems, _report(problems, why)
+
+
+def test_the_architecture_page_names_every_module():
+    """docs/architecture.md has one line per module, so a module added, moved or removed without the page
+    (or the page without the code) fails here."""
+    page = (ROOT / 'docs' / 'architecture.md').read_text()
+    listed = set(re.findall(r'^\| `([\w/]+\.py)` \|', page, re.MULTILINE))
+    actual = {str(path.relative_to(ROOT / 'resnet_jax')) for path in (ROOT / 'resnet_jax').rglob('*.py')}
+    assert listed == actual, f'missing from the page: {sorted(actual - listed)}; not in the code: {sorted(listed - actual)}'
