@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
-from tensorboardX import SummaryWriter
 
 from resnet_jax.workdir import (
     CURVES_FILE,
@@ -61,6 +60,9 @@ class MetricWriter:
         self._tensorboard = None
         if not enabled:
             return
+        # Imported here so that importing this module stays cheap (tensorboardX pulls in protobuf).
+        from tensorboardX import SummaryWriter
+
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'ab', buffering=0)  # one write() per line
         self._tensorboard = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
