@@ -179,6 +179,7 @@ def test_wrn_dropout_and_drop_path_add_no_parameters():
     assert params_of('wrn28_10', dropout_rate=0.3, drop_path_rate=0.2) == params_of('wrn28_10')
 
 
+@pytest.mark.slow
 def test_readme_preset_table_is_generated_from_the_registry():
     readme = (Path(__file__).parents[1] / 'docs' / 'models.md').read_text()
     block = re.search(r'<!-- presets:begin -->\n(.*?)\n<!-- presets:end -->', readme, re.S)

@@ -387,6 +387,7 @@ def test_intermediates_are_not_stored_unless_asked_for():
 
 # --- Rematerialisation -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_remat_changes_memory_not_the_function_or_its_gradients():
     """remat=True recomputes blocks in the backward pass: same variables, same training-mode
     loss, BatchNorm updates and gradients (drop-path included, so the recomputation must replay

@@ -122,6 +122,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(processes, 
         assert f'after step {saved[0]}' in processes.output(proc)
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
     config = tiny_config(**{'checkpoint.every_steps': 4})
     train_and_evaluate(config, str(tmp_path))
@@ -142,6 +143,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog)
     assert run_starts(tmp_path) == [0, 4]
 
 
+@pytest.mark.slow
 def test_restore_onto_one_device_of_a_checkpoint_saved_on_eight(tmp_path):
     """Saved with the train state split over data=4 x fsdp=2 CPU devices, restored onto 1 device."""
     result = run_module(['-m', 'resnet_jax.train', *TINY, '--config.num_steps=4', '--config.checkpoint.every_steps=4',
@@ -161,6 +163,7 @@ def test_restore_onto_one_device_of_a_checkpoint_saved_on_eight(tmp_path):
     assert_same_state(flax.serialization.to_state_dict(jax.device_get(restored.state)), saved)
 
 
+@pytest.mark.slow
 def test_resuming_with_a_changed_config_names_the_fields(tmp_path):
     train_and_evaluate(tiny_config(), str(tmp_path))
     changed = tiny_config(**{'batch_size': 16, 'optim.lr': 0.05, 'log.every_steps': 2})
@@ -175,6 +178,7 @@ def test_resuming_with_a_changed_config_names_the_fields(tmp_path):
     assert run_starts(tmp_path) == [0, 8]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('metric,mode', [('eval/top1', 'max'), ('eval/loss', 'min')])
 def test_the_newest_and_the_best_checkpoints_are_kept(tmp_path, metric, mode):
     config = tiny_config(**{'num_steps': 12, 'eval.every_steps': 2, 'checkpoint.every_steps': 2,
@@ -189,6 +193,7 @@ def test_the_newest_and_the_best_checkpoints_are_kept(tmp_path, metric, mode):
     assert len(set(evals.values())) > 1  # the metric varied, so 'best' was a real choice
 
 
+@pytest.mark.slow
 def test_a_nonfinite_loss_stops_or_is_skipped_and_counted(tmp_path):
     """std = 1e-30 (0 is refused) makes inputs of about 1e30, whose squares overflow float32, so every
     loss is NaN: 'stop' ends at the first step

@@ -29,6 +29,7 @@ def run_module(args, cwd=ROOT, env=None, timeout=600):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_data_parallel_and_fsdp_match_one_device():
     """4 SGD steps on 8 CPU devices (8x1 data parallel, 2x4 FSDP) against 1 device, same global
     batch: the only difference is float32 summation order across shards, so 1e-5 absolute
@@ -42,6 +43,7 @@ def test_data_parallel_and_fsdp_match_one_device():
     assert diffs['fsdp_spec'] == "P(None, None, None, 'fsdp')" and diffs['dp_spec'] == 'P()'
 
 
+@pytest.mark.slow
 def test_evaluation_covers_every_example_of_a_ragged_split():
     run = Run(tiny_config())
     assert len(run.eval_data) % run.config.eval.batch_size != 0  # 103 examples, batches of 24
@@ -78,6 +80,7 @@ def final_params(config, workdir):
     return jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_in_the_seed(tmp_path):
     runs = []
     for i, seed in enumerate((0, 0, 1)):
@@ -88,6 +91,7 @@ def test_training_is_deterministic_in_the_seed(tmp_path):
     assert any(not np.array_equal(a, b) for a, b in zip(runs[0], runs[2]))
 
 
+@pytest.mark.slow
 def test_ema_and_bfloat16_training(tmp_path):
     final = train_and_evaluate(tiny_config(**{'optim.ema_decay': 0.9, 'model.dtype': 'bfloat16'}), str(tmp_path))
     assert {'ema_eval/top1', 'ema_eval/loss', 'eval/top1'} <= set(final)
@@ -125,6 +129,7 @@ def test_global_batch_assembles_process_local_data():
     np.testing.assert_array_equal(batch['label'], np.arange(4))
 
 
+@pytest.mark.slow
 def test_ema_follows_its_recursion():
     run = Run(tiny_config(**{'optim.ema_decay': 0.5}))
     state = run.initial_state()

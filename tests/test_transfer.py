@@ -54,6 +54,7 @@ def source(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state(source, tmp_path):
     """Stem and stage 1 frozen with their BatchNorms, l2 weight decay on: after 8 steps they and
     their running statistics equal the source bit for bit, the optimizer state has no entry for
@@ -162,6 +163,7 @@ def test_bad_fine_tuning_configs_fail_naming_the_problem(source, monkeypatch):
         run.first_state()
 
 
+@pytest.mark.slow
 def test_probe_checkpoint_is_the_network_with_its_head_and_resumes(source, tmp_path):
     """A probe's checkpoint evaluated through the whole network (resnet_jax.evaluate) gives the
     probe's own result from cached features, the backbone is the source's, and a probe cut in two
