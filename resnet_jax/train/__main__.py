@@ -1,4 +1,5 @@
 """python -m resnet_jax.train --config=experiments/quickstart.py --workdir=/tmp/run [--config.a.b=v]
+python -m resnet_jax.train --members=FILE.json   (a population: train.population_loop)
 
 Exit codes (resnet_jax.workdir): 0 done; 2 a bad flag or config value (printed as 'error: ...', nothing
 started); 1 a workdir or checkpoint that cannot continue (printed as 'error: ...') or a crash; 3 a
@@ -30,24 +31,39 @@ from resnet_jax import distributed  # noqa: E402
 from resnet_jax.checkpoint import CheckpointError  # noqa: E402
 from resnet_jax.train.cadence import NonFiniteError, Preempted  # noqa: E402
 from resnet_jax.train.loop import train_and_evaluate  # noqa: E402
+from resnet_jax.train.population_loop import read_members, train_population  # noqa: E402
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file, e.g. experiments/cifar10.py:resnet56')
 WORKDIR = flags.DEFINE_string('workdir', None, 'where the run keeps its config, metrics, checkpoints and plots')
 RESTART = flags.DEFINE_bool('restart_from_scratch', False, 'when every checkpoint in the workdir is damaged, set '
                             'them aside (renamed, not deleted) and train from step 0; without it that is an error')
-flags.mark_flags_as_required(['config', 'workdir'])
+MEMBERS = flags.DEFINE_string('members', None, 'instead of --config and --workdir: a JSON file {"members": [{"name", '
+                              '"workdir", "config"}, ...]} of runs trained together as one population, each in its '
+                              'own workdir (relative to the file)')
+for _name in ('config', 'workdir'):  # required unless --members is given
+    flags.register_validator(_name, lambda value: value is not None or MEMBERS.value is not None,
+                             message=f'Flag --{_name} must have a value other than None.')
+
 
 def main(argv):
     """Train, turning each way a run can stop into its exit code (module docstring)."""
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    workdir_lib.quiet_terminal(WORKDIR.value)
+    if MEMBERS.value is not None and (flags.FLAGS['config'].present or WORKDIR.value is not None):
+        raise app.UsageError('--members=FILE.json holds each member\'s config and workdir: give it without '
+                             '--config, --config.* and --workdir')
+    where = WORKDIR.value if MEMBERS.value is None else os.path.dirname(os.path.abspath(MEMBERS.value))
+    workdir_lib.quiet_terminal(where)
     distributed.initialize_from_flags()
     if jax.process_count() > 1:  # a stop must reach every process: SIGTERM through JAX's notifier only
         workdir_lib.SIGNALS.release(signal.SIGUSR1)
         workdir_lib.SIGNALS.release(signal.SIGINT)
     try:
-        train_and_evaluate(CONFIG.value, WORKDIR.value, restart_from_scratch=RESTART.value)
+        if MEMBERS.value is None:
+            train_and_evaluate(CONFIG.value, WORKDIR.value, restart_from_scratch=RESTART.value)
+        else:
+            names, workdirs, configs = read_members(MEMBERS.value)
+            train_population(configs, workdirs, restart_from_scratch=RESTART.value, names=names)
     except workdir_lib.Stopped as e:
         print(f'stopped by {e.signal_name} before training had anything new to save; run the same command '
               'again to continue', file=sys.stderr, flush=True)
@@ -78,7 +94,7 @@ def main(argv):
         if getattr(e, 'errno', None) not in (errno.ENOSPC, errno.EDQUOT) and 'No space left' not in str(e):
             raise
         line = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        sys.exit(f'error: no space left on the disk of {WORKDIR.value} ({line}). A checkpoint being written is '
+        sys.exit(f'error: no space left on the disk of {where} ({line}). A checkpoint being written is '
                  'incomplete and will be ignored: free some space and run the same command again to continue '
                  'from the newest complete one')
 

@@ -373,6 +373,12 @@ def load_resolved(workdir: str) -> ml_collections.ConfigDict:
     if raw is None:
         raise workdir_lib.WorkdirError(f'{workdir} has no {workdir_lib.CONFIG_FILE} and no checkpoint: is it a '
                                        'resnet_jax.train workdir?')
+    return from_resolved(raw)
+
+
+def from_resolved(raw: dict) -> ml_collections.ConfigDict:
+    """A resolved config written by `to_json` (of this version or an older one: RENAMED fields are moved),
+    loaded back with its tuples restored."""
     config = base_config()
     for key, value in _regrouped(raw).items():
         if isinstance(value, list):  # JSON has no tuples

@@ -28,10 +28,11 @@ from jax.sharding import PartitionSpec as P
 
 from resnet_jax.data import feed as feed_lib
 from resnet_jax.data import pipeline
-from resnet_jax.errors import ConfigError, refuse
+from resnet_jax.errors import ConfigError, UserError, refuse
 from resnet_jax.models import registry
 from resnet_jax.models.design import MEMBER_FIELDS, split_member
 from resnet_jax.train import config as config_lib
+from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train import optim
 from resnet_jax.train import state as state_lib
 from resnet_jax.train import step as step_lib
@@ -89,6 +90,25 @@ def _fold_constants(model, shared, values: list[dict]):
     return model.clone(design=design), [{k: v for k, v in m.items() if k not in constant} for m in values]
 
 
+def check_limits(configs, devices) -> tuple:
+    """`check_population`, then what this version of populations cannot do yet (the host feed only, one
+    process, mesh.fsdp=1) and every member's own `config_lib.validate` on its share of `devices`: all cheap,
+    before any data is read or any workdir touched."""
+    checked = check_population(configs)
+    lead = configs[0]
+    if lead.data.feed != 'host':
+        refuse('data.feed', f"{lead.data.feed!r} is not supported by populations yet; use 'host'")
+    if lead.mesh.fsdp != 1:
+        refuse('mesh.fsdp', f'{lead.mesh.fsdp}: a population lays its members over the devices and '
+                            'replicates nothing, so it takes mesh.fsdp=1')
+    if jax.process_count() != 1:
+        raise UserError(f'a population trains in one process; this run has {jax.process_count()} '
+                        '(launch it without --num_processes, or as separate runs)')
+    for c in configs:
+        config_lib.validate(c, member_mesh(len(configs), devices).shape['data'])
+    return checked
+
+
 def member_values(configs, model_values: list[dict], num_train: int) -> dict:
     """{'model': {key: (M,) array}, 'optim': {key: (M,) array}}: what each member's step reads as traced
     scalars, in member order."""
@@ -134,17 +154,13 @@ class Population:
         devices = jax.devices() if devices is None else devices
         self.configs = list(configs)
         self.size = len(self.configs)
-        model, model_values = check_population(self.configs)
+        model, model_values = check_limits(self.configs, devices)
         lead = self.configs[0]
-        if lead.data.feed != 'host':
-            refuse('data.feed', f"{lead.data.feed!r} is not supported by populations yet; use 'host'")
-        if lead.mesh.fsdp != 1:
-            refuse('mesh.fsdp', f'{lead.mesh.fsdp}: a population lays its members over the devices and '
-                                'replicates nothing, so it takes mesh.fsdp=1')
         self.mesh = member_mesh(self.size, devices)
-        for c in self.configs:
-            config_lib.validate(c, self.mesh.shape['data'])
         self.train_data = pipeline.open_split(lead, lead.data.train_split)
+        self.eval_data = pipeline.open_split(lead, lead.data.eval_split)
+        self.val_data = pipeline.open_split(lead, lead.data.train_split, held_out=True) \
+            if lead.data.validation_split else None
         num_train = len(self.train_data)
         for c in self.configs:
             config_lib.validate(c, self.mesh.shape['data'], num_train)
@@ -178,6 +194,14 @@ class Population:
         self.train_step = jax.jit(self._per_shard(jax.vmap(member_step)), **shardings)
         self.loop_step = jax.jit(self._per_shard(_looped(member_step, local)), **shardings)
 
+        def eval_members(states, batch, values, use_ema: bool):
+            def member_eval(state, values):
+                return step_lib.eval_step(state, batch, use_ema, model=self.model, mean=self.mean, std=self.std,
+                                          member=values['model'])
+            return jax.vmap(member_eval)(states, values)
+
+        self._eval_step = jax.jit(eval_members, static_argnums=3)
+
     def _per_shard(self, fn):
         """fn on each member shard's own members (manual over 'member', automatic over 'data'): left to
         itself, the compiler splits the grouped convolutions of a vmapped backward pass across the member
@@ -205,12 +229,63 @@ class Population:
         """The member values on the mesh, split like the states."""
         return jax.device_put(self.values, self.member_sharding)
 
-    def train_inputs(self, start_step: int = 0):
-        """A function returning the next (M, batch, ...) batches: member i's batch of its own data order."""
-        iterators = [pipeline.train_iterator(c, self.train_data, None, start_step) for c in self.configs]
+    def data_iterators(self, start_step: int = 0) -> list:
+        """Each member's `pipeline.BatchIterator` of its own data order from `start_step` on (get_state and
+        set_state save and restore its position)."""
+        return [pipeline.train_iterator(c, self.train_data, None, start_step) for c in self.configs]
+
+    def train_inputs(self, start_step: int = 0, iterators=None):
+        """A function returning the next (M, batch, ...) batches: member i's batch of its own data order, from
+        `iterators` (`data_iterators`) or fresh ones at `start_step`."""
+        iterators = self.data_iterators(start_step) if iterators is None else iterators
 
         def next_batches():
             batches = [next(it) for it in iterators]
             return jax.device_put({k: np.stack([b[k] for b in batches]) for k in batches[0]}, self.batch_sharding)
 
         return next_batches
+
+    def evaluate(self, states) -> list[dict[str, float]]:
+        """Each member's `run.Run.evaluate`: 'eval/*' and 'val/*', and for a member with EMA 'ema_eval/*' and
+        'ema_val/*', every member's batch computed by one vmapped eval step."""
+        results = [{} for _ in self.configs]
+        values, ema = self.device_values(), [c.optim.ema_decay > 0 for c in self.configs]
+        for prefix, data in (('eval', self.eval_data), ('val', self.val_data)):
+            if data is None:
+                continue
+            for use_ema in (False, True) if any(ema) else (False,):
+                totals = None
+                for batch in pipeline.eval_batches(self.configs[0], data, 0, 1):
+                    out = self._eval_step(states, batch, values, use_ema)
+                    totals = out if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, out)
+                totals = jax.device_get(totals)
+                for i, result in enumerate(results):
+                    if ema[i] or not use_ema:
+                        result.update(metrics_lib.means(member(totals, i), ('ema_' if use_ema else '') + prefix))
+        return results
+
+
+def member(tree, i: int):
+    """Member i's slice of a tree with a leading member axis."""
+    return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+def _by_path(tree) -> dict:
+    return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def to_standalone(state, abstract):
+    """A member's state (`member(states, i)`) in the tree of its standalone run's state (`abstract`): the leaves
+    a population keeps for every member but that member's standalone run has not (the momentum of a member at
+    momentum 0, the EMA of a member without one) are left out, so that its checkpoint is a standalone one."""
+    leaves = _by_path(state)
+    return jax.tree_util.tree_map_with_path(lambda p, _: leaves[jax.tree_util.keystr(p)], abstract)
+
+
+def from_standalone(state, abstract):
+    """The inverse of `to_standalone`: a standalone state in the tree of a member's state (`abstract`), the
+    leaves it lacks zero (they change nothing: a momentum trace at momentum 0 is the gradient of each step, an
+    EMA at decay 0 the parameters of each step)."""
+    leaves = _by_path(state)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, a: leaves.get(jax.tree_util.keystr(p), np.zeros(a.shape, a.dtype)), abstract)

@@ -104,11 +104,12 @@ def eval_sums(logits, labels, mask, num_classes: int) -> dict[str, jax.Array]:
             'count': mask.sum()}
 
 
-def eval_step(state: TrainState, batch, use_ema: bool = False, *, model, mean, std):
-    """Sums over the real examples of a batch; padding rows carry mask 0 and count for nothing."""
+def eval_step(state: TrainState, batch, use_ema: bool = False, *, model, mean, std, member=None):
+    """Sums over the real examples of a batch; padding rows carry mask 0 and count for nothing. member: a
+    population member's model values (see `train_step`)."""
     params = state.ema_params if use_ema else state.params
     logits = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                         augment.normalize(batch['image'], mean, std), train=False)
+                         augment.normalize(batch['image'], mean, std), train=False, member=member)
     return eval_sums(logits, batch['label'], batch['mask'], model.num_classes)
 
 
