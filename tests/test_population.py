@@ -7,25 +7,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import pytest
 from helpers import tiny_config
-from population_runs import (
-    differences,
-    member_configs,
-    train_population,
-    train_standalone,
-)
+from population_runs import TOLERANCE, member_configs
+from test_multihost import cli_env
 
 from resnet_jax.errors import ConfigError
 from resnet_jax.train.population import check_population
 
 TESTS = Path(__file__).parent
-# Members run the same arithmetic as their standalone runs, with the member axis batched into the
-# convolutions (grouped) and reductions: float32 summation order differs, by ~1e-7 on parameters, batch
-# statistics and metrics of order 0.1-3 after 3 steps. 1e-5 absolute bounds that with room, and is far below
-# what one step moves (the test checks that the parameters moved by more than 1e-2).
-TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope='module')
+def compared():
+    """population_runs.py run once for both comparisons: the standalone runs on one device against the
+    population on one device and laid over 8 (LLVM -O0 for both sides, as every CLI test: it compiles ten
+    times faster and changes nothing between the sides)."""
+    result = subprocess.run([sys.executable, 'population_runs.py'], cwd=TESTS, env=cli_env(8), capture_output=True,
+                            text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize('field, override', [
@@ -68,34 +69,23 @@ def test_values_every_member_shares_stay_in_the_design():
 
 
 @pytest.mark.slow
-def test_population_matches_standalone_runs():
+def test_population_matches_standalone_runs(compared):
     """Two seeds x {ResNet, plain twin} at four learning rates, 3 steps: each member's parameters, batch
     statistics and metrics equal its standalone run's within TOLERANCE."""
-    configs = member_configs()
-    device = jax.devices()[0]
-    population = train_population(configs, [device])
-    standalone = [train_standalone(c, device) for c in configs]
-    for i, diff in enumerate(differences(population, standalone)):
+    for i, diff in enumerate(compared['one_device']):
         assert diff['variables'] < TOLERANCE and diff['metrics'] < TOLERANCE, (i, diff)
-    kernels = population[0]['params']['head']['kernel']
-    assert float(abs(kernels[0] - kernels[2]).max()) > 1e-2  # the members are not copies of one run
+    assert compared['members_differ'] > 1e-2  # the members are not copies of one run
 
 
 @pytest.mark.slow
-def test_sharded_population_matches_standalone_runs():
+def test_sharded_population_matches_standalone_runs(compared):
     """The same population on 8 CPU devices (4 member shards x 2 data shards) against the standalone runs on
     one device; and 8 members on 8 devices compile to a step with no collective at all."""
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
-    env['PYTHONPATH'] = str(TESTS.parent) + os.pathsep + env.get('PYTHONPATH', '')
-    result = subprocess.run([sys.executable, 'population_runs.py'], cwd=TESTS, env=env, capture_output=True,
-                            text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out['mesh'] == {'member': 4, 'data': 2}
-    for i, diff in enumerate(out['differences']):
+    assert compared['mesh'] == {'member': 4, 'data': 2}
+    for i, diff in enumerate(compared['sharded']):
         assert diff['variables'] < TOLERANCE and diff['metrics'] < TOLERANCE, (i, diff)
-    assert out['moved'] > 1e-2, 'training did not change the parameters, so the comparison is vacuous'
-    assert out['collectives_one_member_per_device'] == []
+    assert compared['moved'] > 1e-2, 'training did not change the parameters, so the comparison is vacuous'
+    assert compared['collectives_one_member_per_device'] == []
 
 
 @pytest.mark.parametrize('flags, message', [
