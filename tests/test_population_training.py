@@ -21,7 +21,7 @@ from resnet_jax import workdir as workdir_lib
 from resnet_jax.checkpoint import read_numpy, saved_steps
 from resnet_jax.errors import ConfigError
 from resnet_jax.train import config as config_lib
-from resnet_jax.train.population_loop import read_members, train_population
+from resnet_jax.train.population_loop import common_step, read_members, train_population
 from resnet_jax.train.run import restore_workdir
 from resnet_jax.workdir import PREEMPTED_EXIT_CODE
 
@@ -169,6 +169,7 @@ def test_a_busy_member_is_named_and_no_member_is_locked(tmp_path):
 @pytest.mark.parametrize('override, message', [
     ({'data.feed': 'device'}, "config.data.feed: 'device' is not supported by populations yet; use 'host'"),
     ({'mesh.fsdp': 2}, 'config.mesh.fsdp: 2: a population lays its members over the devices'),
+    ({'init.source': 'checkpoint:/x'}, "config.init.source: 'checkpoint:/x': members start from their seeds only"),
 ])
 def test_population_limits_are_refused_before_any_workdir(tmp_path, override, message):
     configs = member_configs()[:2]
@@ -201,3 +202,16 @@ def test_member_values_survive_the_members_file(tmp_path):
     names, workdirs, read = read_members(write_members(tmp_path, configs))
     assert [c.to_dict() for c in read] == [c.to_dict() for c in configs]
     assert isinstance(read[0].model.stage_sizes, tuple) and np.isclose(read[2].optim.lr, 0.2)
+
+
+def test_a_crash_between_member_saves_resumes_from_the_step_every_member_has(tmp_path):
+    """Member a saved step 3, member b was killed before it did: both continue from step 2, and a's step 3
+    (computed again, identically) is deleted so that it can be saved again."""
+    configs = member_configs()[:2]
+    for name, steps in (('a', (1, 2, 3)), ('b', (1, 2))):
+        for s in steps:
+            (tmp_path / name / 'checkpoints' / str(s)).mkdir(parents=True)
+    assert common_step(configs, [str(tmp_path / 'a'), str(tmp_path / 'b')], ['a', 'b']) == 2
+    assert saved_steps(tmp_path / 'a') == saved_steps(tmp_path / 'b') == [1, 2]
+    assert common_step(configs, [str(tmp_path / 'a'), str(tmp_path / 'd')], ['a', 'd']) is None  # d: none yet
+    assert saved_steps(tmp_path / 'a') == []

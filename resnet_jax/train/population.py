@@ -101,6 +101,11 @@ def check_limits(configs, devices) -> tuple:
     if lead.mesh.fsdp != 1:
         refuse('mesh.fsdp', f'{lead.mesh.fsdp}: a population lays its members over the devices and '
                             'replicates nothing, so it takes mesh.fsdp=1')
+    if lead.init.source:
+        refuse('init.source', f"{lead.init.source!r}: members start from their seeds only; use '' (or train "
+                              'fine-tuning runs on their own)')
+    if lead.finetune.linear_probe:
+        refuse('finetune.linear_probe', 'True is not supported by populations; use False')
     if jax.process_count() != 1:
         raise UserError(f'a population trains in one process; this run has {jax.process_count()} '
                         '(launch it without --num_processes, or as separate runs)')

@@ -99,7 +99,7 @@ def train_population(configs, workdirs, restart_from_scratch: bool = False, name
         _lock_all(stack, workdirs, names)
         if own_signals:
             stack.callback(signals.uninstall)
-        start = _common_step(configs, workdirs, names)
+        start = common_step(configs, workdirs, names)
         for c, w in zip(configs, workdirs):
             workdir_lib.check_labels(w, sources.class_names(c), write=True, new_run=start is None)
         population = population_lib.Population(configs, devices)
@@ -126,7 +126,7 @@ def _lock_all(stack: contextlib.ExitStack, workdirs: list[str], names: list[str]
         stack.callback(lock.release)
 
 
-def _common_step(configs, workdirs: list[str], names: list[str]) -> int | None:
+def common_step(configs, workdirs: list[str], names: list[str]) -> int | None:
     """The newest checkpoint step that every member has (None: a new population), after refusing a member
     whose workdir holds a run with another config; steps newer than it are deleted."""
     saved = [workdir_lib.saved_steps(w) for w in workdirs]
