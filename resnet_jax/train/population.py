@@ -12,6 +12,7 @@ takes as traced values, and the design fields of `models.design.MEMBER_FIELDS` (
 which is exact). Everything else must be equal; `check_population` refuses a mixed population naming the
 field, before anything is compiled. The member axis is laid over devices (`member_mesh`): each device
 trains whole members, so that axis needs no communication; devices left over split each member's batch.
+`population_loop.train_population` trains a population as M runs, each in its own workdir.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ class Population:
     `train_step(states, batches, rngs, values)` is the vmapped step, `loop_step` the same members run by a
     Python loop inside one jit (for the benchmark); both donate the states and return (states, metrics) with
     a leading member axis. Member i is what the standalone run of configs[i] computes, to float32 rounding.
-    Host feed only; one process.
+    `evaluate(states)` evaluates every member with one vmapped eval step. Limits: `check_limits`.
     """
 
     def __init__(self, configs, devices=None):
