@@ -207,3 +207,24 @@ def test_a_tiny_sweep_trains_as_one_population(spec, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert '  pop-0  finished: ' in again.stdout
     assert again.stdout.endswith('every selected run is finished; nothing to launch\n')
+
+
+@pytest.mark.parametrize('spec, size, sizes', [
+    ('cifar10.py', 2, [2] * 5),
+    ('cifar10.py:seeds=5', 10, [10] * 5),
+    ('cifar10.py:seeds=5', 8, [5] * 10),
+    ('identity_mappings.py:table1', 8, [1, 3, 3, 2, 1, 1]),
+    ('identity_mappings.py:table1,seeds=5', 8, [5, 7, 8, 7, 8, 5, 5, 5, 5]),
+    ('identity_mappings.py:table2,seeds=5', 8, [5] * 10),
+    ('identity_mappings.py:table2', 8, [1] * 10),
+])
+def test_the_experiments_group_as_their_docstrings_say(spec, size, sizes):
+    """Table 6's seeds and plain/ResNet twins share a population per depth; Identity Mappings' rows share one
+    where they differ only in member values (constant scaling, gate bias), its placements never."""
+    _, runs = sweep.expand(str(ROOT / 'experiments' / spec), '/tmp/unused')
+    groups = sweep.group(sweep.validate_runs(runs, check_data=False), size)
+    assert [len(g) for g in groups] == sizes
+    depth = [re.sub(r'\D', '', run.name.split(',')[0]) for run in runs]  # resnet56 and plain56: '56'
+    if spec.startswith('cifar10'):
+        assert all(len({depth[i] for i in g}) == 1 for g in groups)
+    assert sorted(i for g in groups for i in g) == list(range(len(runs)))
