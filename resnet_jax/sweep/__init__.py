@@ -475,7 +475,7 @@ def group(configs: list, size: int) -> list[list[int]]:
 def population_state(population: PopulationSpec, states: dict) -> str:
     """'finished' when every member is, 'new' when every member is, else 'unfinished'."""
     member_states = {states[run.name] for run in population.members}
-    return member_states.pop() if len(member_states) == 1 and member_states <= {'finished', 'new'} else 'unfinished'
+    return member_states.pop() if len(member_states) == 1 else 'unfinished'
 
 
 def populations(sweep_dir: str, runs: list[RunSpec], configs: list, states: dict, size: int | None,
