@@ -7,6 +7,8 @@
     python -m resnet_jax.sweep --config=experiments/cifar10.py --sweep_dir=runs/table6_gpu --only='20|56' \
         --local_parallel=4 --local_memory_fraction=0.2 --config.data.feed=device   # 4 runs on one GPU
     python -m resnet_jax.sweep --config=experiments/cifar10.py:seeds=5 --sweep_dir=runs/table6x5 --launcher=local
+    python -m resnet_jax.sweep --config=experiments/cifar10.py:seeds=5 --sweep_dir=runs/table6x5 \
+        --population=10                            # 5 populations (one per depth), one GPU
     python -m resnet_jax.sweep.results runs/table6 --metric=eval/top1,train/top1
 
 The paper's protocol: batch 128, SGD momentum 0.9, weight decay 1e-4 (L2, on every
@@ -27,6 +29,17 @@ Hardware: one GPU per run. Time per run on one H100 (device feed, float32, from 
 Performance table): ResNet-20 3.3 min, ResNet-56 8.1 min, ResNet-110 about 16 min
 (projected); the whole sweep about 1.5 h one run after another. On 2 CPU cores a ResNet-20
 run takes hours; use --config.num_steps for a smoke test.
+As populations (`--population=M`, one training per population, host feed): each ResNet and its
+plain twin share one network, so the seeds of both share a population per depth. `--dry_run` groups
+the default sweep with --population=2 into 5 populations of 2 (resnetN + plainN), and 'seeds=5' with
+--population=10 into 5 populations of 10 (with --population=8: 10 populations of 5, one per net).
+Projected H100 time of the training steps (evaluation and compiles not counted), assuming that a
+population of M members at batch 128 steps as fast as one run at batch 128*M (linear between the
+measured batch-128 and batch-1024 float32 steps of experiments/perf/NOTES.md: ResNet-20 3.13 / 10.93 ms,
+ResNet-56 7.55 / 30.98 ms, linear in depth, extrapolated to ResNet-110 and to M=10), and that the host
+feed keeps up (not measured; the vmapped convolutions' speed neither): 'seeds=5' 6.3 h one run after
+another, 3.1 h as 5 populations of 10 (ResNet-110's: 74 ms a step, 80 min); the default sweep 1.3 h
+alone, 0.9 h as 5 populations of 2.
 Deviations that remain from the paper: the data is a JPEG copy of CIFAR-10 (lossy, see
 below); the paper does not say whether its final nets trained on 45k or on all 50k images
 (this trains on 45k; --config.data.validation_split=0 trains on 50k) nor whether it padded

@@ -3,6 +3,8 @@ does, on ResNet-110) and Table 2 (where BN and ReLU sit, on ResNet-110 and ResNe
 
     python -m resnet_jax.sweep --config=experiments/identity_mappings.py:table1 --sweep_dir=runs/im_table1
     python -m resnet_jax.sweep --config=experiments/identity_mappings.py:table2,seeds=5 --sweep_dir=runs/im_table2
+    python -m resnet_jax.sweep --config=experiments/identity_mappings.py:table1,seeds=5 --sweep_dir=runs/im_t1x5 \
+        --population=8                             # 9 populations, one GPU
     python -m resnet_jax.sweep.results runs/im_table1
     python -m resnet_jax.train --config=experiments/identity_mappings.py:resnet110 --workdir=runs/r110_gate6 \
         --config.model.skip=exclusive_gate --config.model.gate_bias_init=-6.0    # one row by hand
@@ -30,6 +32,18 @@ after addition 8.17 / 6.50; ReLU before addition 7.84 / 6.14; ReLU-only pre-acti
 Hardware: one GPU per run. Time on one H100 (projected from the measured ResNet-56, 8.1 min,
 by the number of layers): ResNet-110 about 16 min, ResNet-164 about 25 min. Table 1 is about
 3 h of runs, Table 2 about 3.5 h, per seed, one after another.
+As populations (`--population=M`, one training per population, host feed), rows that differ only in
+member values share one: Table 1's three constant-scaling rows, its three exclusive-gating rows and
+its two shortcut-gating rows (`--dry_run` with --population=8: 3 populations of 3, 3 and 2, and 3 runs
+alone: identity, 1x1 conv, dropout); with ',seeds=5' every row's seeds too (9 populations of 5 to 8
+members). Table 2's placements change the network, so only its seeds share: ',seeds=5' gives 10
+populations of 5 (one per row), one seed gives none. Projected H100 time of the training steps
+(evaluation and compiles not counted), assuming that a population of M members at batch 128 steps as
+fast as one run at batch 128*M (linear between the measured batch-128 and batch-1024 float32 ResNet-20
+and ResNet-56 steps of experiments/perf/NOTES.md, linear in depth, extrapolated to 110 and 164 layers)
+and that the host feed keeps up (neither it nor the vmapped convolutions' speed is measured):
+Table 1 with 5 seeds 13.9 h of runs alone, 7.7 h as populations; with one seed 2.8 h, 2.1 h;
+Table 2 with 5 seeds 15.6 h alone, 9.1 h as populations of 5.
 """
 
 import os

@@ -143,6 +143,32 @@ def test_paths_with_spaces_and_special_characters_reach_the_job_intact(cluster, 
 
 
 @pytest.mark.system
+def test_a_population_runs_as_one_array_task(cluster, tmp_path):
+    """`--population=3` groups the 3 runs (they differ in seed and lr only) into one population: one array
+    task, whose training is `python -m resnet_jax.train --members=<members file>`, the file naming the 3
+    member workdirs. The interpreter is a script that prints its arguments, so the job itself costs nothing."""
+    config = tmp_path / 'tiny_sweep.py'
+    config.write_text(SWEEP_FILE.format(quickstart=str(ROOT / 'experiments' / 'quickstart.py')))
+    python = tmp_path / 'fake_python'
+    python.write_text('#!/bin/bash\nprintf "arg<%s>\\n" "$@"\n')
+    python.chmod(0o755)
+    sweep_dir = tmp_path / 'sweep'
+    args = ['-m', 'resnet_jax.sweep', f'--config={config}', f'--sweep_dir={sweep_dir}', '--launcher=slurm',
+            '--population=3', '--slurm_wait', '--slurm_poll_seconds=1', '--slurm_time=5', f'--slurm_python={python}']
+    out = finish(launcher(cluster, args, tmp_path / 'launch.log'), tmp_path / 'launch.log', cluster)
+    assert re.search(r'submitted job array (\d+): 1 runs', out), out
+    job = re.search(r'submitted job array (\d+)', out).group(1)
+    assert f'job {job} ended: 1 of 1 tasks completed' in out, out + cluster.logs()
+    members = sweep_dir / 'populations' / 'pop-0' / 'members.json'
+    assert '#SBATCH --array=0-0\n' in (sweep_dir / 'slurm' / 'array-0.sbatch').read_text()
+    assert (sweep_dir / 'slurm' / 'array-0.runs').read_text() == f'-m resnet_jax.train --members={members}\n'
+    log = (sweep_dir / 'slurm' / f'{job}_0.out').read_text()
+    assert f'arg<-m>\narg<resnet_jax.train>\narg<--members={members}>\n' in log, log
+    _, runs = sweep_lib.load(str(sweep_dir))
+    assert [m['workdir'] for m in json.loads(members.read_text())['members']] == [f'../../{r.name}' for r in runs]
+
+
+@pytest.mark.system
 @pytest.mark.multiprocess
 def test_one_training_as_two_slurm_tasks_equals_one_process_with_two_devices(cluster, processes, tmp_path):
     two_tasks, reference = tmp_path / 'two_tasks', tmp_path / 'one_process'

@@ -70,3 +70,20 @@ def test_a_sweep_on_the_tpu_vm_runs_one_after_another(tmp_path):
     for seed, line in enumerate(lines):
         assert line[9] == (f'--command=cd resnet_jax && python3 -m resnet_jax.train --config={sweep} '
                            f'--workdir=/mnt/shared/s/seed={seed} --config.seed={seed} --distributed')
+
+
+def test_a_population_on_the_tpu_vm_is_one_training(tmp_path):
+    """Two seeds with --population=2: one population, started on the VM as one training that reads its
+    members file (a path on the shared mount, as the sweep directory is)."""
+    sweep = tmp_path / 'sweep.py'
+    sweep.write_text(f'from resnet_jax.train.config import from_file\n\n\n'
+                     f'def get_config(arg=None):\n    return from_file({str(ROOT / "experiments" / "quickstart.py")!r})\n\n\n'
+                     "def get_sweep(arg=None):\n    return [{'seed': 0}, {'seed': 1}]\n")
+    out = subprocess.run([sys.executable, '-m', 'resnet_jax.sweep', f'--config={sweep}', '--sweep_dir=/mnt/shared/s',
+                          '--launcher=tpu', '--population=2', *WHERE, '--dry_run'], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert '1 population of at most 2 members:\n  pop-0  new: seed=0, seed=1\n' in out.stdout
+    lines = [shlex.split(line) for line in out.stdout.splitlines() if line.startswith('gcloud')]
+    assert lines == [EXPECTED['run'][:9] + ['--command=cd resnet_jax && python3 -m resnet_jax.train '
+                                            '--members=/mnt/shared/s/populations/pop-0/members.json --distributed']]

@@ -175,24 +175,26 @@ def cifar_augment(rng, images, pad_mode: str = 'zero'):
     return cifar_crop_flip(images, offsets, jax.random.bernoulli(flip_rng, 0.5, (images.shape[0],)), pad_mode)
 
 
-def mix(rng, x, targets, mixup_alpha: float, cutmix_alpha: float):
+def mix(rng, x, targets, mixup_alpha, cutmix_alpha):
     """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of each example with its mirror in the batch.
 
     One mixing weight lam ~ Beta(alpha, alpha) per batch; example i is mixed with example
     N-1-i, images and soft targets alike. CutMix pastes a box of about (1 - lam) of the area
     and sets lam to the area actually kept. With both alphas set, each batch uses one of the
-    two with probability 1/2.
+    two with probability 1/2. An alpha may be a traced scalar (a population member's): the
+    code for it is then always there, and a member whose alpha is 0 gets lam = 1, its batch
+    unchanged, as its standalone run (which has no such code) computes.
     """
     choose_rng, mixup_rng, cutmix_rng, box_rng = jax.random.split(rng, 4)
     n, h, w, _ = x.shape
     partner_x, partner_t = x[::-1], targets[::-1]
 
     def mixup():
-        lam = jax.random.beta(mixup_rng, mixup_alpha, mixup_alpha)
+        lam = _mixing_weight(mixup_rng, mixup_alpha)
         return lam * x + (1 - lam) * partner_x, lam
 
     def cutmix():
-        lam = jax.random.beta(cutmix_rng, cutmix_alpha, cutmix_alpha)
+        lam = _mixing_weight(cutmix_rng, cutmix_alpha)
         cut_h = (h * jnp.sqrt(1 - lam)).astype(jnp.int32)
         cut_w = (w * jnp.sqrt(1 - lam)).astype(jnp.int32)
         cy, cx = jax.random.randint(box_rng, (2,), 0, jnp.array([h, w]))
@@ -202,10 +204,30 @@ def mix(rng, x, targets, mixup_alpha: float, cutmix_alpha: float):
         box = ((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1))[None, :, :, None]
         return jnp.where(box, partner_x, x), 1 - (y1 - y0) * (x1 - x0) / (h * w)
 
-    if mixup_alpha > 0 and cutmix_alpha > 0:
+    if _may_mix(mixup_alpha) and _may_mix(cutmix_alpha):
         (mx, mlam), (cx_, clam) = mixup(), cutmix()
         use_cutmix = jax.random.bernoulli(choose_rng, 0.5)
+        if _traced(mixup_alpha) or _traced(cutmix_alpha):  # a member with one alpha at 0 uses the other
+            use_cutmix = jnp.where((mixup_alpha > 0) & (cutmix_alpha > 0), use_cutmix, cutmix_alpha > 0)
         x_mixed, lam = jnp.where(use_cutmix, cx_, mx), jnp.where(use_cutmix, clam, mlam)
     else:
-        x_mixed, lam = mixup() if mixup_alpha > 0 else cutmix()
+        x_mixed, lam = mixup() if _may_mix(mixup_alpha) else cutmix()
     return x_mixed, lam * targets + (1 - lam) * partner_t
+
+
+def _traced(alpha) -> bool:
+    return not isinstance(alpha, (int, float))
+
+
+def _may_mix(alpha) -> bool:
+    """Whether the step needs the code for this alpha: a traced alpha may be > 0 in some member."""
+    return _traced(alpha) or alpha > 0
+
+
+def _mixing_weight(rng, alpha):
+    """lam ~ Beta(alpha, alpha); for a traced alpha, 1 (no mixing) where it is 0."""
+    if not _traced(alpha):
+        return jax.random.beta(rng, alpha, alpha)
+    on = alpha > 0
+    safe = jnp.where(on, alpha, 1.0)
+    return jnp.where(on, jax.random.beta(rng, safe, safe), 1.0)

@@ -18,6 +18,11 @@ expands the sweep (plus any `--config.<key>=<value>` given to the command, for e
 builds and validates every run's config exactly as `resnet_jax.train` will (so a bad override fails before anything starts), refuses a sweep directory that holds
 a different sweep, skips finished runs and hands the rest to `resnet_jax.launch.<launcher>`.
 An unfinished run is resumed by running the same command in the same workdir.
+
+With `--population=M`, the runs that can share one compiled step (`train.population.check_population`:
+they differ only in member fields, e.g. seeds, learning rates, resnet20 vs plain20) are grouped into
+populations of at most M members, recorded in `<sweep_dir>/populations.json` and kept on every relaunch,
+and each population is launched as one training, `python -m resnet_jax.train --members=<members file>`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from resnet_jax import cli as cli_lib
 from resnet_jax.data import sources
 from resnet_jax.errors import ConfigError, UserError
 from resnet_jax.train import config as config_lib
+from resnet_jax.train.population import check_population
 from resnet_jax.workdir import is_done, saved_steps
 
 ARG = 'arg'               # the override key that selects get_config's argument
@@ -49,6 +55,9 @@ SWEEP_FILE = 'sweep.json'
 LAUNCHERS = ('local', 'slurm', 'tpu')
 STATES = ('finished', 'unfinished', 'new')
 MAX_NAME = 200            # directory names stay below the usual 255-byte limit
+GROUPING_FILE = 'populations.json'  # in the sweep directory: which runs train together, kept on relaunch
+POPULATIONS_DIR = 'populations'     # <sweep_dir>/populations/<name>/: a population's members file and launch log
+MEMBERS_FILE = 'members.json'
 
 
 class SweepError(UserError, ValueError):
@@ -194,6 +203,40 @@ class RunSpec:
     def command(self, python: str = sys.executable) -> str:
         """The shell command that trains this run with `python` (printed, recorded, run by launchers)."""
         return shlex.join([python, *self.train_args()])
+
+
+@dataclasses.dataclass(frozen=True)
+class PopulationSpec:
+    """Runs of a sweep trained together as one population: to a launcher, one run (`name`, `workdir`,
+    `train_args`, `command`) whose training is `python -m resnet_jax.train --members=<members file>`."""
+    name: str                      # 'pop-<i>', unique in the sweep
+    workdir: str                   # <sweep_dir>/populations/<name>: the members file and the launch log
+    members: tuple[RunSpec, ...]   # each trains into its own workdir, as a standalone run would
+
+    @property
+    def members_file(self) -> str:
+        """Where the members file is: the population's whole input to `resnet_jax.train --members`."""
+        return os.path.join(self.workdir, MEMBERS_FILE)
+
+    def train_args(self) -> list[str]:
+        """['-m', 'resnet_jax.train', '--members=<members file>'] (no interpreter)."""
+        return ['-m', 'resnet_jax.train', f'--members={self.members_file}']
+
+    command = RunSpec.command
+
+    def members_content(self, configs: dict) -> dict:
+        """{'members': [{'name', 'workdir', 'config'}, ...]}: each member's resolved config (`configs`, by run
+        name) as its config.json holds it, its workdir relative to the members file's directory (a moved
+        sweep keeps working)."""
+        return {'members': [{'name': run.name, 'workdir': os.path.relpath(run.workdir, self.workdir),
+                             'config': json.loads(config_lib.to_json(configs[run.name]))} for run in self.members]}
+
+    def write_members(self, configs: dict) -> None:
+        """Write the members file (atomically: a population starting now reads the old one or the new one)."""
+        os.makedirs(self.workdir, exist_ok=True)
+        with open(self.members_file + '.tmp', 'w') as f:
+            json.dump(self.members_content(configs), f, indent=2)
+        os.replace(self.members_file + '.tmp', self.members_file)
 
 
 def run_state(workdir: str) -> str:
@@ -404,6 +447,80 @@ def load(sweep_dir: str) -> tuple[dict, list[RunSpec]]:
     return content['definition'], runs
 
 
+# --- populations ----------------------------------------------------------------------------------
+
+def group(configs: list, size: int) -> list[list[int]]:
+    """Run indices grouped into populations of at most `size` members: runs go, in sweep order, into the
+    first bucket whose first run `check_population` lets them share a step with (its checks compare fields
+    for equality, so a bucket's runs all agree), and each bucket is cut in order into the fewest groups of
+    at most `size`, of sizes that differ by at most one (10 runs, size 8: 5 + 5)."""
+    buckets: list[list[int]] = []
+    for i, config in enumerate(configs):
+        for bucket in buckets:
+            try:
+                check_population([configs[bucket[0]], config])
+            except ConfigError:
+                continue
+            bucket.append(i)
+            break
+        else:
+            buckets.append([i])
+    groups = []
+    for bucket in buckets:
+        parts = -(-len(bucket) // size)
+        groups += [bucket[j * len(bucket) // parts:(j + 1) * len(bucket) // parts] for j in range(parts)]
+    return groups
+
+
+def population_state(population: PopulationSpec, states: dict) -> str:
+    """'finished' when every member is, 'new' when every member is, else 'unfinished'."""
+    member_states = {states[run.name] for run in population.members}
+    return member_states.pop() if len(member_states) == 1 else 'unfinished'
+
+
+def populations(sweep_dir: str, runs: list[RunSpec], configs: list, states: dict, size: int | None,
+                write: bool = True) -> tuple[int | None, list[PopulationSpec], bool]:
+    """(size, populations, recorded) of the sweep: the grouping in `<sweep_dir>/populations.json` if there is
+    one (recorded: True), else, with `size`, a new grouping of the runs that are 'new' in `states` (a finished
+    run needs nothing, an unfinished one resumes alone from its own checkpoints), written unless `write` is
+    False. A grouping is never changed, as a population's members resume only together: a `size` other than
+    the recorded one is refused. A group of one is no population: that run trains alone. With `write`, every
+    population's members file is (re)written from `configs`."""
+    if size is not None and size < 1:
+        raise SweepError(f'--population={size}: give the most members a population may have, at least 1')
+    path = os.path.join(sweep_dir, GROUPING_FILE)
+    by_name = {run.name: run for run in runs}
+    recorded = os.path.exists(path)
+    if recorded:
+        with open(path) as f:
+            grouping = json.load(f)
+        if size is not None and size != grouping['size']:
+            raise SweepError(f"--population={size}: {sweep_dir} is grouped into populations of at most "
+                             f"{grouping['size']} members ({path}), and a population's members resume only "
+                             f"together. Relaunch with --population={grouping['size']} or without --population, "
+                             'or use another --sweep_dir')
+        size, names = grouping['size'], [(p['name'], p['members']) for p in grouping['populations']]
+    elif size is None or size == 1:
+        return size, [], False
+    else:
+        fresh = [i for i, run in enumerate(runs) if states[run.name] == 'new']
+        names = [(f'pop-{k}', [runs[fresh[i]].name for i in indices]) for k, indices in
+                 enumerate(g for g in group([configs[i] for i in fresh], size) if len(g) > 1)]
+    pops = [PopulationSpec(name, os.path.join(sweep_dir, POPULATIONS_DIR, name),
+                           tuple(by_name[member] for member in members)) for name, members in names]
+    if write:
+        if not recorded:
+            content = {'size': size, 'populations': [{'name': p.name, 'members': [r.name for r in p.members]}
+                                                     for p in pops]}
+            with open(path + '.tmp', 'w') as f:
+                json.dump(content, f, indent=2)
+            os.replace(path + '.tmp', path)
+        by_run = {run.name: config for run, config in zip(runs, configs)}
+        for population in pops:
+            population.write_members(by_run)
+    return size, pops, recorded
+
+
 # --- the command line ---------------------------------------------------------------------------
 
 def _define_flags() -> None:
@@ -413,6 +530,8 @@ def _define_flags() -> None:
     flags.DEFINE_bool('dry_run', False, 'expand, validate and print what would be launched; write nothing')
     flags.DEFINE_string('only', None, 'launch only the runs whose name matches this regular expression')
     flags.DEFINE_bool('check_data', True, "open each run's training split to check schedules against its size")
+    flags.DEFINE_integer('population', None, 'train the runs that can share one compiled step as populations of at '
+                         'most this many members, one training each (the grouping is recorded and kept on relaunch)')
     flags.mark_flags_as_required(['config', 'sweep_dir'])
 
 
@@ -424,7 +543,8 @@ def main(argv, common: tuple[str, ...] = ()) -> int:
 
 
 def run_sweep(options, common: tuple[str, ...] = ()) -> int:
-    """The command: expand, validate, record, skip finished runs and launch the rest; the exit code.
+    """The command: expand, validate, record, group into populations (`--population`, or as recorded), skip
+    finished runs and populations and launch the rest; the exit code.
     `options` has the flags of _define_flags and of the launcher's module (absl FLAGS or a Namespace);
     `common` the '--config.<key>=<value>' arguments that every run gets."""
     try:
@@ -435,16 +555,33 @@ def run_sweep(options, common: tuple[str, ...] = ()) -> int:
     selected = [run for run in runs if only is None or only.search(run.name)]
     if not selected:
         raise SweepError(f'--only={options.only!r} matches none of the runs: {", ".join(r.name for r in runs)}')
-    validate_runs(runs, options.check_data)
+    configs = validate_runs(runs, options.check_data)
     sweep_dir = os.path.abspath(options.sweep_dir)
     record(sweep_dir, definition, runs, write=not options.dry_run)
-    states = {run.name: run_state(run.workdir) for run in selected}
+    states = {run.name: run_state(run.workdir) for run in runs}
     width = max(len(run.name) for run in selected)
     print(f'sweep {definition["config"]}: {len(runs)} runs in {sweep_dir}' +
           (f', {len(selected)} selected by --only' if only else ''))
     for run in selected:
         print(f'  {run.name:<{width}}  {states[run.name]}')
-    todo = [run for run in selected if states[run.name] != 'finished']
+    size, pops, recorded = populations(sweep_dir, runs, configs, states, getattr(options, 'population', None),
+                                       write=not options.dry_run)
+    chosen = {run.name for run in selected}
+    # A population trains all its members or none: one that holds a selected run is launched whole.
+    pops = [p for p in pops if chosen & {run.name for run in p.members}]
+    pooled = {run.name for p in pops for run in p.members}
+    alone = [run for run in selected if run.name not in pooled and states[run.name] != 'finished']
+    if size is not None:
+        print(f'{len(pops)} population{"s" * (len(pops) != 1)} of at most {size} members' +
+              (f' (the grouping recorded in {os.path.join(sweep_dir, GROUPING_FILE)})' if recorded else '') +
+              (', each holding a run selected by --only' if only else '') + ':')
+        for p in pops:
+            print(f'  {p.name}  {population_state(p, states)}: {", ".join(run.name for run in p.members)}')
+        if alone:
+            print(f'  trained alone: {", ".join(run.name for run in alone)}')
+    order = {run.name: i for i, run in enumerate(runs)}
+    todo = sorted([p for p in pops if population_state(p, states) != 'finished'] + alone,
+                  key=lambda job: order[job.members[0].name if isinstance(job, PopulationSpec) else job.name])
     if not todo:
         print('every selected run is finished; nothing to launch')
         return 0

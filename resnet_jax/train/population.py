@@ -41,9 +41,11 @@ from resnet_jax.train import step as step_lib
 # The optimizer fields a member may set (warm-up in steps or epochs: it becomes steps either way).
 MEMBER_OPTIM_FIELDS = ('lr', 'momentum', 'weight_decay', 'label_smoothing', 'warmup_steps', 'warmup_epochs',
                        'decay_factor', 'ema_decay')
+# The data fields a member may set: passed to the step only where the members differ.
+MEMBER_DATA_FIELDS = ('mixup_alpha', 'cutmix_alpha')
 # Every config field that may differ between the members of one population.
 MEMBER_CONFIG_FIELDS = ('seed',) + tuple(f'optim.{f}' for f in MEMBER_OPTIM_FIELDS) + tuple(
-    f'model.{f}' for f in MEMBER_FIELDS)
+    f'model.{f}' for f in MEMBER_FIELDS) + tuple(f'data.{f}' for f in MEMBER_DATA_FIELDS)
 AXES = ('member', 'data')
 
 
@@ -116,8 +118,9 @@ def check_limits(configs, devices) -> tuple:
 
 
 def member_values(configs, model_values: list[dict], num_train: int) -> dict:
-    """{'model': {key: (M,) array}, 'optim': {key: (M,) array}}: what each member's step reads as traced
-    scalars, in member order."""
+    """{'model': {key: (M,) array}, 'optim': {key: (M,) array}, 'data': {key: (M,) array}}: what each member's
+    step reads as traced scalars, in member order ('data': only the alphas that differ between members, so
+    that members that share them run the standalone program)."""
     def optim_values(c):
         o = c.optim
         return {'lr': o.lr, 'momentum': o.momentum, 'weight_decay': o.weight_decay,
@@ -128,7 +131,9 @@ def member_values(configs, model_values: list[dict], num_train: int) -> dict:
         return {k: np.asarray([d[k] for d in dicts], np.int32 if k == 'warmup_steps' else np.float32)
                 for k in dicts[0]}
 
-    return {'model': stack(model_values), 'optim': stack([optim_values(c) for c in configs])}
+    data = {f: [c.data[f] for c in configs] for f in MEMBER_DATA_FIELDS}
+    return {'model': stack(model_values), 'optim': stack([optim_values(c) for c in configs]),
+            'data': {f: np.asarray(v, np.float32) for f, v in data.items() if len(set(v)) > 1}}
 
 
 def member_mesh(size: int, devices) -> Mesh:

@@ -33,11 +33,12 @@ def topk_correct(logits, labels, k: int):
     return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def preprocess(rng, batch, config, num_classes: int, mean, std, label_smoothing=None):
+def preprocess(rng, batch, config, num_classes: int, mean, std, label_smoothing=None, alphas=None):
     """(normalised images, soft targets) of a uint8 batch: the feed's on-device augmentation (the CIFAR
     crop pads before normalising, or after it with data.pad_after_normalize), label smoothing, then
     mixup/CutMix. label_smoothing: a population member's (traced), applied even at 0, where it changes
-    nothing; None: config.optim's."""
+    nothing; None: config.optim's. alphas: a population member's traced 'mixup_alpha' / 'cutmix_alpha'
+    where its members' differ (the others are config.data's)."""
     d = config.data
     crop = feed_lib.step_augmentation(config) == 'cifar'
     images = augment.cifar_augment(rng, batch['image'], d.pad_mode) if crop and not d.pad_after_normalize \
@@ -49,9 +50,11 @@ def preprocess(rng, batch, config, num_classes: int, mean, std, label_smoothing=
     if label_smoothing is not None or config.optim.label_smoothing:
         targets = optax.smooth_labels(targets, config.optim.label_smoothing if label_smoothing is None
                                       else label_smoothing)
-    if config.data.mixup_alpha or config.data.cutmix_alpha:
-        x, targets = augment.mix(jax.random.fold_in(rng, 1), x, targets, config.data.mixup_alpha,
-                                 config.data.cutmix_alpha)
+    alphas = alphas or {}
+    if alphas or config.data.mixup_alpha or config.data.cutmix_alpha:
+        x, targets = augment.mix(jax.random.fold_in(rng, 1), x, targets,
+                                 alphas.get('mixup_alpha', config.data.mixup_alpha),
+                                 alphas.get('cutmix_alpha', config.data.cutmix_alpha))
     return x, targets
 
 
@@ -59,14 +62,16 @@ def train_step(state: TrainState, inputs, rng, *, model, optimizer, config, mean
     """One SGD update on the batch `to_batch(inputs, state.step)`, returning the new state and the
     step's metrics; a non-finite loss or gradient leaves the state unchanged, so no NaN is ever saved.
     member: a population member's traced values (train.population), {'model': the model's `member` hook
-    values, 'optim': its 'label_smoothing' and 'ema_decay' among others}; the optimizer is then that
+    values, 'optim': its 'label_smoothing' and 'ema_decay' among others, 'data': its mixup/CutMix alphas
+    where members differ}; the optimizer is then that
     member's too. None: the config's values, as a standalone run."""
     batch = to_batch(inputs, state.step)
     step_rng = jax.random.fold_in(rng, state.step)
     augment_rng, dropout_rng = jax.random.split(step_rng)
     hyper = None if member is None else member['optim']
     x, targets = preprocess(augment_rng, batch, config, model.num_classes, mean, std,
-                            None if hyper is None else hyper['label_smoothing'])
+                            None if hyper is None else hyper['label_smoothing'],
+                            None if member is None else member.get('data'))
     apply = finetune.train_apply(model, config)  # model.apply, unless parts are frozen
 
     def loss_fn(params):
