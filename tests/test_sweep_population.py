@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import tiny_config
 from test_sweep import ROOT, cli_env, launch_options
 from test_train import run_module
 
@@ -92,6 +93,17 @@ def test_a_mixed_sweep_groups_into_compatible_populations(spec, tmp_path):
                                     f'--members={tmp_path}/sw/populations/pop-0/members.json']
     with pytest.raises(sweep.SweepError, match=r'--population=0: give the most members a population may have'):
         sweep.populations(str(tmp_path / 'sw'), runs, configs, states, 0, write=False)
+
+
+@pytest.mark.parametrize('field, value', [('data.feed', 'device'), ('mesh.fsdp', 2), ('init.source', '/w')])
+def test_runs_a_population_cannot_train_are_trained_alone(field, value):
+    """Runs that would otherwise share a step, but that populations cannot train (another feed, FSDP, a warm
+    start), are groups of one, which the sweep trains as ordinary runs."""
+    configs = [tiny_config(seed=s) for s in range(4)]
+    for config in configs[1:3]:
+        section, name = field.split('.')
+        setattr(getattr(config, section), name, value)
+    assert sweep.group(configs, 4) == [[0, 3], [1], [2]]
 
 
 def test_members_files_and_the_recorded_grouping(spec, tmp_path, launched):
@@ -181,8 +193,6 @@ def test_a_relaunch_keeps_the_grouping(spec, tmp_path, launched, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif("'members'" not in (ROOT / 'resnet_jax' / 'train' / '__main__.py').read_text(),
-                    reason='needs the training command for populations, python -m resnet_jax.train --members=FILE')
 def test_a_tiny_sweep_trains_as_one_population(spec, tmp_path):
     """2 seeds of ResNet-8 and its plain twin, launched as one population of 4 by the command line: one
     training, every member's workdir finished as a standalone run's would be, the results table reads them,

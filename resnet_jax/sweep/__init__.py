@@ -47,7 +47,7 @@ from resnet_jax import cli as cli_lib
 from resnet_jax.data import sources
 from resnet_jax.errors import ConfigError, UserError
 from resnet_jax.train import config as config_lib
-from resnet_jax.train.population import check_population
+from resnet_jax.train.population import check_population, check_supported
 from resnet_jax.workdir import is_done, saved_steps
 
 ARG = 'arg'               # the override key that selects get_config's argument
@@ -453,9 +453,16 @@ def group(configs: list, size: int) -> list[list[int]]:
     """Run indices grouped into populations of at most `size` members: runs go, in sweep order, into the
     first bucket whose first run `check_population` lets them share a step with (its checks compare fields
     for equality, so a bucket's runs all agree), and each bucket is cut in order into the fewest groups of
-    at most `size`, of sizes that differ by at most one (10 runs, size 8: 5 + 5)."""
+    at most `size`, of sizes that differ by at most one (10 runs, size 8: 5 + 5). A run that populations
+    cannot train (`check_supported`: another feed, FSDP, a warm start) is a group of its own."""
     buckets: list[list[int]] = []
+    alone: list[list[int]] = []
     for i, config in enumerate(configs):
+        try:
+            check_supported(config)
+        except ConfigError:
+            alone.append([i])
+            continue
         for bucket in buckets:
             try:
                 check_population([configs[bucket[0]], config])
@@ -469,7 +476,7 @@ def group(configs: list, size: int) -> list[list[int]]:
     for bucket in buckets:
         parts = -(-len(bucket) // size)
         groups += [bucket[j * len(bucket) // parts:(j + 1) * len(bucket) // parts] for j in range(parts)]
-    return groups
+    return groups + alone
 
 
 def population_state(population: PopulationSpec, states: dict) -> str:

@@ -93,22 +93,26 @@ def _fold_constants(model, shared, values: list[dict]):
     return model.clone(design=design), [{k: v for k, v in m.items() if k not in constant} for m in values]
 
 
-def check_limits(configs, devices) -> tuple:
-    """`check_population`, then what this version of populations cannot do yet (the host feed only, one
-    process, mesh.fsdp=1) and every member's own `config_lib.validate` on its share of `devices`: all cheap,
-    before any data is read or any workdir touched."""
-    checked = check_population(configs)
-    lead = configs[0]
-    if lead.data.feed != 'host':
-        refuse('data.feed', f"{lead.data.feed!r} is not supported by populations yet; use 'host'")
-    if lead.mesh.fsdp != 1:
-        refuse('mesh.fsdp', f'{lead.mesh.fsdp}: a population lays its members over the devices and '
+def check_supported(config) -> None:
+    """Refuse what this version of populations cannot train (the host feed only, mesh.fsdp=1, no warm start,
+    no linear probe), naming the field: a sweep trains such runs on their own instead."""
+    if config.data.feed != 'host':
+        refuse('data.feed', f"{config.data.feed!r} is not supported by populations yet; use 'host'")
+    if config.mesh.fsdp != 1:
+        refuse('mesh.fsdp', f'{config.mesh.fsdp}: a population lays its members over the devices and '
                             'replicates nothing, so it takes mesh.fsdp=1')
-    if lead.init.source:
-        refuse('init.source', f"{lead.init.source!r}: members start from their seeds only; use '' (or train "
+    if config.init.source:
+        refuse('init.source', f"{config.init.source!r}: members start from their seeds only; use '' (or train "
                               'fine-tuning runs on their own)')
-    if lead.finetune.linear_probe:
+    if config.finetune.linear_probe:
         refuse('finetune.linear_probe', 'True is not supported by populations; use False')
+
+
+def check_limits(configs, devices) -> tuple:
+    """`check_population`, then `check_supported`, one process, and every member's own `config_lib.validate`
+    on its share of `devices`: all cheap, before any data is read or any workdir touched."""
+    checked = check_population(configs)
+    check_supported(configs[0])
     if jax.process_count() != 1:
         raise UserError(f'a population trains in one process; this run has {jax.process_count()} '
                         '(launch it without --num_processes, or as separate runs)')
