@@ -18,13 +18,13 @@ import pytest
 from test_train import run_module
 
 from resnet_jax import sweep
-from resnet_jax.sweep import results
 from resnet_jax.launch import local
 from resnet_jax.sweep import (
     RunSpec,
     SweepError,
     log_uniform,
     product,
+    results,
     sample,
     seeds,
     uniform,
@@ -33,7 +33,8 @@ from resnet_jax.sweep import (
 from resnet_jax.train import config as config_lib
 
 ROOT = Path(__file__).parents[1]
-TINY_EXPERIMENT = f'''
+# An experiment file's imports and get_config (tiny runs); each test file adds its own get_sweep.
+TINY_HEADER = f'''
 import sys
 
 from resnet_jax.sweep import product, seeds
@@ -46,12 +47,13 @@ def get_config(arg='resnet20'):
     return tiny_config(**{{'model.name': arg, 'data.num_train': 256, 'data.num_eval': 100, 'batch_size': 16,
                           'eval.batch_size': 20, 'log.every_steps': 2, 'eval.every_steps': 4,
                           'checkpoint.every_steps': 4}})
-
+'''
+TINY_EXPERIMENT = TINY_HEADER + '''
 
 def get_sweep(arg=''):
     if arg == 'bad':
-        return [{{'arg': 'resnet20', 'optim.name': 'adam'}}]
-    return product([{{'arg': 'resnet20'}}], seeds(2)) + [{{'arg': 'plain20', 'optim.lr': 0.05}}]
+        return [{'arg': 'resnet20', 'optim.name': 'adam'}]
+    return product([{'arg': 'resnet20'}], seeds(2)) + [{'arg': 'plain20', 'optim.lr': 0.05}]
 '''
 
 

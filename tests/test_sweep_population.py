@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from helpers import tiny_config
-from test_sweep import ROOT, cli_env, launch_options
+from test_sweep import ROOT, TINY_HEADER, cli_env, launch_options
 from test_train import run_module
 
 from resnet_jax import sweep
@@ -17,28 +17,15 @@ from resnet_jax.launch import local
 from resnet_jax.sweep import results
 from resnet_jax.train import config as config_lib
 
-EXPERIMENT = f'''
-import sys
-
-from resnet_jax.sweep import product, seeds
-
-sys.path.insert(0, {str(ROOT / 'tests')!r})
-from helpers import tiny_config
-
-
-def get_config(arg='resnet20'):
-    return tiny_config(**{{'model.name': arg, 'data.num_train': 256, 'data.num_eval': 100, 'batch_size': 16,
-                          'eval.batch_size': 20, 'log.every_steps': 2, 'eval.every_steps': 4,
-                          'checkpoint.every_steps': 4}})
-
+EXPERIMENT = TINY_HEADER + '''
 
 def get_sweep(arg=''):
     if arg == 'small':  # ResNet-8 and its plain twin, 2 seeds each: one population of 4
-        return product({{'arg': ['resnet20', 'plain20']}}, seeds(2))
-    nets = product({{'arg': ['resnet20', 'plain20']}}, seeds(2), {{'optim.lr': [0.1, 0.05]}})
-    deeper = [{{'arg': 'resnet20', 'model.stage_sizes': (2, 2, 2), 'seed': 0}},
-              {{'arg': 'plain20', 'model.stage_sizes': (2, 2, 2), 'seed': 1}}]
-    return nets + deeper + [{{'arg': 'resnet20', 'batch_size': 32}}, {{'arg': 'plain20', 'model.shortcut': 'B'}}]
+        return product({'arg': ['resnet20', 'plain20']}, seeds(2))
+    nets = product({'arg': ['resnet20', 'plain20']}, seeds(2), {'optim.lr': [0.1, 0.05]})
+    deeper = [{'arg': 'resnet20', 'model.stage_sizes': (2, 2, 2), 'seed': 0},
+              {'arg': 'plain20', 'model.stage_sizes': (2, 2, 2), 'seed': 1}]
+    return nets + deeper + [{'arg': 'resnet20', 'batch_size': 32}, {'arg': 'plain20', 'model.shortcut': 'B'}]
 '''
 NETS = [f'{net},seed={seed},lr={lr}' for net in ('resnet20', 'plain20') for seed in (0, 1) for lr in (0.1, 0.05)]
 DEEPER = ['resnet20,stage_sizes=2-2-2,seed=0', 'plain20,stage_sizes=2-2-2,seed=1']
