@@ -37,13 +37,14 @@ def member_configs(learning_rates=(0.1, 0.05, 0.2, 0.1)):
                            'optim.lr': lr}) for (seed, name), lr in zip(members, learning_rates)]
 
 
-def train_population(configs, devices, steps=STEPS):
-    """(params and batch stats with a leading member axis, per-step metrics with a member axis) after `steps`."""
+def train_population(configs, devices, steps=STEPS, mode='vmap_step'):
+    """(params and batch stats with a leading member axis, per-step metrics with a member axis) after `steps`
+    of the population's `mode` ('vmap_step' or 'loop_step')."""
     population = Population(configs, devices)
     states, rngs, values = population.initial_states(), population.rngs(), population.device_values()
     next_batches, metrics = population.train_inputs(), []
     for _ in range(steps):
-        states, m = population.train_step(states, next_batches(), rngs, values)
+        states, m = getattr(population, mode)(states, next_batches(), rngs, values)
         metrics.append(m)
     return jax.device_get(({'params': states.params, 'batch_stats': states.batch_stats}, metrics))
 
@@ -82,7 +83,7 @@ def collectives(configs, devices):
     """The collective ops in the compiled vmapped step of `configs` over `devices`."""
     population = Population(configs, devices)
     states = jax.eval_shape(population.initial_states)
-    text = population.train_step.lower(states, population.train_inputs()(), population.rngs(),
+    text = population.vmap_step.lower(states, population.train_inputs()(), population.rngs(),
                                        population.device_values()).compile().as_text()
     return sorted({op for op in COLLECTIVES if op in text})
 
@@ -93,10 +94,12 @@ if __name__ == '__main__':
     configs = member_configs()
     standalone = [train_standalone(c, devices[0]) for c in configs]
     one = train_population(configs, devices[:1])
+    looped = train_population(configs, devices[:1], mode='loop_step')
     sharded = train_population(configs, devices)
     kernels = one[0]['params']['head']['kernel']
     eight = member_configs((0.1, 0.05, 0.2, 0.1)) + member_configs((0.3, 0.02, 0.05, 0.15))
-    json.dump({'one_device': differences(one, standalone), 'sharded': differences(sharded, standalone),
+    json.dump({'one_device': differences(one, standalone), 'one_device_loop': differences(looped, standalone),
+               'sharded': differences(sharded, standalone),
                'members_differ': float(np.abs(kernels[0] - kernels[2]).max()),
                'moved': max_difference(member(sharded[0]['params'], 0),
                                        jax.device_get(Run(configs[0], devices[:1]).initial_state().params)),

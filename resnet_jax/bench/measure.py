@@ -162,7 +162,7 @@ def measure_population(config, size: int, steps: int, warmup: int, window: int) 
     population = Population(configs)
     batches, rngs, values = population.train_inputs()(), population.rngs(), population.device_values()
     out = {}
-    for mode, step in (('vmap', population.train_step), ('loop', population.loop_step)):
+    for mode, step in (('vmap', population.vmap_step), ('loop', population.loop_step)):
         state = population.initial_states()
         t0 = time.perf_counter()
         compiled = step.lower(state, batches, rngs, values).compile()

@@ -149,7 +149,7 @@ def member_mesh(size: int, devices) -> Mesh:
 
 def _looped(fn, size: int):
     """fn applied to each of `size` members in turn, a Python loop traced into one program, its results stacked
-    as jax.vmap stacks them: the baseline the benchmark compares vmap with."""
+    as jax.vmap stacks them: what a population trains with on CPU, and the benchmark's other mode."""
     def looped(*args):
         outs = [fn(*jax.tree_util.tree_map(lambda a: a[i], args)) for i in range(size)]
         return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
@@ -159,9 +159,11 @@ def _looped(fn, size: int):
 class Population:
     """M member configs built into one network, M stacked train states and one compiled step.
 
-    `train_step(states, batches, rngs, values)` is the vmapped step, `loop_step` the same members run by a
-    Python loop inside one jit (for the benchmark); both donate the states and return (states, metrics) with
-    a leading member axis. Member i is what the standalone run of configs[i] computes, to float32 rounding.
+    `vmap_step(states, batches, rngs, values)` is the vmapped step, `loop_step` the same members run by a
+    Python loop inside one jit; both donate the states and return (states, metrics) with a leading member
+    axis. `train_step`, the one a training uses, is the loop on the CPU backend (XLA:CPU runs the vmapped,
+    grouped convolutions 5-7x slower than M plain ones: `bench --population`, docs/populations.md) and the
+    vmapped step elsewhere. Member i is what the standalone run of configs[i] computes, to float32 rounding.
     `evaluate(states)` evaluates every member with one vmapped eval step. Limits: `check_limits`.
     """
 
@@ -206,8 +208,9 @@ class Population:
         shardings = dict(in_shardings=(member, self.batch_sharding, member, member), out_shardings=member,
                          donate_argnums=0)
         local = self.size // self.mesh.shape['member']  # members per member shard
-        self.train_step = jax.jit(self._per_shard(jax.vmap(member_step)), **shardings)
+        self.vmap_step = jax.jit(self._per_shard(jax.vmap(member_step)), **shardings)
         self.loop_step = jax.jit(self._per_shard(_looped(member_step, local)), **shardings)
+        self.train_step = self.loop_step if devices[0].platform == 'cpu' else self.vmap_step
 
         def eval_members(states, batch, values, use_ema: bool):
             def member_eval(state, values):
