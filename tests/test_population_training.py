@@ -17,6 +17,7 @@ from population_runs import TOLERANCE, member_configs
 from test_fault_tolerance import RUN_TIMEOUT, assert_same_state, last_eval, run_starts
 from test_multihost import ROOT, cli_env, processes  # noqa: F401 (fixture)
 
+from resnet_jax import export
 from resnet_jax import workdir as workdir_lib
 from resnet_jax.checkpoint import read_numpy, saved_steps
 from resnet_jax.errors import ConfigError
@@ -81,6 +82,12 @@ def test_members_command_trains_members_that_are_normal_runs(tmp_path):
     assert_same_state(jax.device_get(restored.state.params), read_numpy(f'{workdirs[3]}/checkpoints/4')['params'])
     final = run.evaluate(restored.state)
     assert abs(final['eval/loss'] - done[3]['metrics']['eval/loss']) < TOLERANCE
+
+    exported = command(['-m', 'resnet_jax.export', f'--workdir={workdirs[3]}', f'--out={tmp_path}/m3.msgpack'])
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    model, variables, info = export.load(f'{tmp_path}/m3.msgpack')  # member 3's own weights, as a run's
+    assert info['step'] == 4
+    assert_same_state(jax.device_get(variables['params']), jax.device_get(restored.state.params))
 
     again = command(['-m', 'resnet_jax.train', f'--members={file}'])
     assert again.returncode == 0, again.stderr[-3000:]
