@@ -24,26 +24,37 @@ SOURCES = ('synthetic', 'device', 'host')
 DEFAULT_STEPS_PROJECTED = 64_000  # He et al.'s CIFAR schedule, for the projected-time column
 
 FLAGS = flags.FLAGS
+# What is measured: a row for each combination of the list flags (--source below is one too).
 flags.DEFINE_list('model', ['resnet50'], 'presets to measure (comma-separated)')
 flags.DEFINE_list('batch_size', ['256'], 'global batch sizes (comma-separated)')
 flags.DEFINE_list('dtype', ['bfloat16'], "compute dtypes: 'float32', 'bfloat16' (parameters stay float32)")
-flags.DEFINE_list('source', ['synthetic'], f'data sources, among {", ".join(SOURCES)}')
 flags.DEFINE_list('remat', ['false'], "'false' and/or 'true': recompute each block's activations in the backward pass")
 flags.DEFINE_integer('image_size', None, 'input size; default: the preset native size (32 CIFAR, 224 ImageNet)')
+flags.DEFINE_list('population', None, 'member counts M (comma-separated): time populations of M runs, vmapped and '
+                  'as a loop inside one jit, beside M separate runs (synthetic source)')
+
+# Where the batches come from.
+flags.DEFINE_list('source', ['synthetic'], f'data sources, among {", ".join(SOURCES)}')
+flags.DEFINE_string('dataset', 'synthetic', "dataset of the 'device' and 'host' sources: 'synthetic' or 'folder:<path>'")
+flags.DEFINE_integer('num_examples', 50_000, "size of the random dataset of the 'device' and 'host' sources")
+
+# The PyTorch comparison.
+flags.DEFINE_bool('vs_torch', False, 'also time the same model, batch and precision in PyTorch (eager and compiled)')
+flags.DEFINE_bool('torch_compile', True, 'with --vs_torch, include torch.compile')
+
+# How long to time, and the columns computed from the step time.
 flags.DEFINE_integer('steps', 60, 'timed steps after warm-up')
 flags.DEFINE_integer('warmup', 5, 'untimed steps after compilation')
 flags.DEFINE_integer('window', 10, 'steps between synchronisations; step time statistics are over windows')
-flags.DEFINE_integer('num_examples', 50_000, "size of the random dataset of the 'device' and 'host' sources")
-flags.DEFINE_string('dataset', 'synthetic', "dataset of the 'device' and 'host' sources: 'synthetic' or 'folder:<path>'")
-flags.DEFINE_bool('vs_torch', False, 'also time the same model, batch and precision in PyTorch (eager and compiled)')
-flags.DEFINE_bool('torch_compile', True, 'with --vs_torch, include torch.compile')
+flags.DEFINE_integer('projected_steps', DEFAULT_STEPS_PROJECTED, 'steps for the projected-time column')
+flags.DEFINE_float('peak_tflops', None, "device peak TFLOP/s for MFU; default: the training loop's table")
+
+# Memory instead of time.
 flags.DEFINE_bool('max_batch', False, 'instead of timing, find the largest batch whose step fits in device memory')
 flags.DEFINE_float('memory_limit_gib', None, "with --max_batch: the memory to fit in; default: the device allocator's limit")
-flags.DEFINE_float('peak_tflops', None, "device peak TFLOP/s for MFU; default: the training loop's table")
-flags.DEFINE_integer('projected_steps', DEFAULT_STEPS_PROJECTED, 'steps for the projected-time column')
+
+# Output.
 flags.DEFINE_string('json', None, 'write the rows to this JSON file')
-flags.DEFINE_list('population', None, 'member counts M (comma-separated): time populations of M runs, vmapped and '
-                  'as a loop inside one jit, beside M separate runs (synthetic source)')
 
 
 def _parse_rows() -> list[dict]:

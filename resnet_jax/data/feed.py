@@ -73,6 +73,17 @@ class Feed:
             return batches, lambda: next(batches)
         return batches, lambda: sharding.global_batch(next(batches), self.mesh)
 
+    def fixed_inputs(self, source):
+        """next_input() for timing the step with no host work at all: every call returns one input prepared
+        once. For 'host' that is the in-memory source's first batch_size examples (not shuffled, not
+        augmented), placed on the mesh; for 'device' the resident dataset, as in training (the step draws
+        a new batch from it each time)."""
+        if self.config.data.feed == 'device':
+            return self.train_inputs(source)[1]
+        size = self.config.batch_size
+        fixed = sharding.global_batch({'image': source.images[:size], 'label': source.labels[:size]}, self.mesh)
+        return lambda: fixed
+
 
 def make(config, mesh) -> Feed:
     """The feed `config.data.feed` names, on `mesh`."""

@@ -40,26 +40,33 @@ from resnet_jax.launch.command import (
 )
 from resnet_jax.workdir import PREEMPTED_EXIT_CODE
 
-# Every resource a profile may set; each is also the flag --slurm_<key>, which wins over the profile.
-RESOURCE_FLAGS = {
-    'partition': flags.DEFINE_string('slurm_partition', None, 'partition (sbatch --partition)'),
-    'account': flags.DEFINE_string('slurm_account', None, 'account to charge (sbatch --account)'),
-    'qos': flags.DEFINE_string('slurm_qos', None, 'quality of service (sbatch --qos)'),
-    'time': flags.DEFINE_string('slurm_time', None, 'time limit per job or array task: minutes, [H]H:MM:SS or '
-                                'D-HH[:MM[:SS]]'),
-    'gpus_per_task': flags.DEFINE_integer('slurm_gpus_per_task', None, "GPUs of each sweep run (one task); a "
-                                          "single training uses --gpus_per_node"),
-    'cpus_per_task': flags.DEFINE_integer('slurm_cpus_per_task', None, 'CPU cores per task (data loading)'),
-    'mem': flags.DEFINE_string('slurm_mem', None, 'memory per node, e.g. 64G (sbatch --mem)'),
-    'max_parallel': flags.DEFINE_integer('slurm_max_parallel', None, 'array tasks running at once (--array=...%N)'),
-    'signal_seconds': flags.DEFINE_integer('slurm_signal_seconds', None, 'SIGTERM this many seconds before the '
-                                           'time limit, for the save (default 120)'),
-    'sbatch_args': flags.DEFINE_multi_string('slurm_sbatch_args', None, 'another sbatch option, written as an '
-                                             '#SBATCH line (repeat the flag for several), e.g. --constraint=a100'),
-    'setup': flags.DEFINE_string('slurm_setup', None, 'shell lines run before the training, e.g. "module load cuda"'),
-    'python': flags.DEFINE_string('slurm_python', None, 'interpreter on the compute nodes (default: this one, '
-                                  f'{sys.executable})'),
+# Every resource a profile may set, by the kind of its value, with its help; each is also the flag --slurm_<key>,
+# which wins over the profile.
+RESOURCES = {
+    str: {
+        'partition': 'partition (sbatch --partition)',
+        'account': 'account to charge (sbatch --account)',
+        'qos': 'quality of service (sbatch --qos)',
+        'time': 'time limit per job or array task: minutes, [H]H:MM:SS or D-HH[:MM[:SS]]',
+        'mem': 'memory per node, e.g. 64G (sbatch --mem)',
+        'setup': 'shell lines run before the training, e.g. "module load cuda"',
+        'python': f'interpreter on the compute nodes (default: this one, {sys.executable})',
+    },
+    int: {
+        'gpus_per_task': 'GPUs of each sweep run (one task); a single training uses --gpus_per_node',
+        'cpus_per_task': 'CPU cores per task (data loading)',
+        'max_parallel': 'array tasks running at once (--array=...%N)',
+        'signal_seconds': 'SIGTERM this many seconds before the time limit, for the save (default 120)',
+    },
+    list: {
+        'sbatch_args': 'another sbatch option, written as an #SBATCH line (repeat the flag for several), '
+                       'e.g. --constraint=a100',
+    },
 }
+DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, list: flags.DEFINE_multi_string}
+RESOURCE_FLAGS = {key: DEFINE[kind](f'slurm_{key}', None, help_text)
+                  for kind, helps in RESOURCES.items() for key, help_text in helps.items()}
+KINDS = {key: kind for kind, helps in RESOURCES.items() for key in helps}
 flags.DEFINE_bool('slurm_wait', False, 'block until the job ends; exit 1 unless every task completed')
 flags.DEFINE_float('slurm_poll_seconds', 30.0, 'with --slurm_wait: seconds between queue checks')
 flags.DEFINE_string('slurm_profile', None, 'TOML file of cluster defaults (keys: '
@@ -69,7 +76,6 @@ DEFAULT_SIGNAL_SECONDS = 120
 TERMINAL_STATES = {'COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'NODE_FAIL', 'PREEMPTED', 'BOOT_FAIL', 'DEADLINE',
                    'OUT_OF_MEMORY'}
 SCRIPT_DIR = 'slurm'  # in the sweep directory or the single run's workdir
-KINDS = {'gpus_per_task': int, 'cpus_per_task': int, 'max_parallel': int, 'signal_seconds': int, 'sbatch_args': list}
 KIND_NAMES = {str: 'a string', int: 'an integer', list: 'a list of strings'}
 TIME_FORMAT = re.compile(r'^(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+)(?::(\d+)(?::(\d+))?)?)$')
 
@@ -89,7 +95,7 @@ def read_profile(path: str) -> dict:
     if unknown:
         raise LaunchError(f'{path}: unknown key {unknown[0]!r}; the allowed keys are {", ".join(RESOURCE_FLAGS)}')
     for key, value in profile.items():
-        kind = KINDS.get(key, str)
+        kind = KINDS[key]
         if (not isinstance(value, kind) or isinstance(value, bool)
                 or kind is list and not all(isinstance(v, str) for v in value)):
             raise LaunchError(f'{path}: {key} = {value!r} should be {KIND_NAMES[kind]}')

@@ -36,15 +36,19 @@ from resnet_jax.launch.command import (
     validate,
 )
 
+# Where the TPU VM is.
 flags.DEFINE_string('tpu_name', None, 'the TPU VM (node) name')
 flags.DEFINE_string('tpu_zone', None, 'its zone, e.g. us-central2-b')
 flags.DEFINE_string('tpu_project', None, 'Google Cloud project (default: gcloud config)')
-flags.DEFINE_string('tpu_accelerator_type', None, 'for create: e.g. v4-8, v4-32, v5litepod-16, v5p-8, v6e-8')
-flags.DEFINE_string('tpu_version', None, 'for create: the TPU software version, e.g. tpu-ubuntu2204-base')
-flags.DEFINE_bool('tpu_spot', False, 'for create: a Spot VM (cheaper, can be pre-empted)')
+# What runs on its workers.
 flags.DEFINE_string('tpu_repo_dir', 'resnet_jax', 'the checkout on every worker, relative to the home directory '
                     'or absolute')
 flags.DEFINE_string('tpu_python', 'python3', 'the interpreter on the workers')
+# The VM that create makes.
+flags.DEFINE_string('tpu_accelerator_type', None, 'for create: e.g. v4-8, v4-32, v5litepod-16, v5p-8, v6e-8')
+flags.DEFINE_string('tpu_version', None, 'for create: the TPU software version, e.g. tpu-ubuntu2204-base')
+flags.DEFINE_bool('tpu_spot', False, 'for create: a Spot VM (cheaper, can be pre-empted)')
+# Where copy_logs puts the logs.
 flags.DEFINE_string('tpu_local_dir', '.', 'for copy_logs: where the logs go on this machine')
 
 COMMANDS = ('create', 'run', 'copy_logs', 'delete')

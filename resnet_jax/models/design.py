@@ -9,6 +9,7 @@ the right place. Invalid values fail here, before any tracing or compilation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -73,6 +74,30 @@ def check_rate(field: str, value: float) -> None:
         raise ValueError(f'{field}={value!r} is outside the allowed range [0, 1)')
 
 
+def check_positive(field: str, value: int) -> None:
+    """Refuse a count or width below 1, which would build a layer with no channels or groups."""
+    if value < 1:
+        raise ValueError(f'{field}={value!r} must be a positive integer')
+
+
+# BlockDesign's fields carry their own check (field name, value) -> None, run when a design is built, so each
+# rule is read beside its field.
+def _choice(default: str, allowed) -> dataclasses.Field:
+    """A field whose value must be one of `allowed` (a tuple, or a dict's keys)."""
+    check = functools.partial(check_choice, allowed=tuple(allowed))
+    return dataclasses.field(default=default, metadata={'check': check})
+
+
+def _rate(default: float) -> dataclasses.Field:
+    """A dropout-like rate field, checked by check_rate."""
+    return dataclasses.field(default=default, metadata={'check': check_rate})
+
+
+def _positive(default: int) -> dataclasses.Field:
+    """A count or width field, checked by check_positive."""
+    return dataclasses.field(default=default, metadata={'check': check_positive})
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockDesign:
     """The choices that define every residual block of a network.
@@ -100,49 +125,37 @@ class BlockDesign:
     dtype: compute dtype; parameters stay float32.
     """
 
-    block: str = 'basic'
-    cardinality: int = 1
-    base_width: int = 64
+    block: str = _choice('basic', BLOCKS)
+    cardinality: int = _positive(1)
+    base_width: int = _positive(64)
     stride_in_1x1: bool = False
-    shortcut: str = 'B'
-    skip: str = 'identity'
+    shortcut: str = _choice('B', SHORTCUTS)
+    skip: str = _choice('identity', SKIPS)
     skip_scale: float = 1.0
     branch_scale: float = 1.0
     gate_bias_init: float = 0.0
-    skip_dropout: float = 0.5
-    placement: str = 'post'
-    branch_init: str = 'standard'
-    dropout_rate: float = 0.0
-    drop_path_rate: float = 0.0
+    skip_dropout: float = _rate(0.5)
+    placement: str = _choice('post', PLACEMENTS)
+    branch_init: str = _choice('standard', BRANCH_INITS)
+    dropout_rate: float = _rate(0.0)
+    drop_path_rate: float = _rate(0.0)
     se_ratio: float = 0.0
-    se_divisor: int = 1
-    dilated_pool: str = 'timm'
-    norm: str = 'batch'
-    norm_groups: int = 32
+    se_divisor: int = _positive(1)
+    dilated_pool: str = _choice('timm', DILATED_POOLS)
+    norm: str = _choice('batch', NORMS)
+    norm_groups: int = _positive(32)
     bn_group_size: int = 0
-    bn_running_var: str = 'unbiased'
-    activation: str = 'relu'
-    dtype: str = 'float32'
+    bn_running_var: str = _choice('unbiased', BN_RUNNING_VARS)
+    activation: str = _choice('relu', ACTIVATIONS)
+    dtype: str = _choice('float32', DTYPES)
 
     def __post_init__(self):
-        check_choice('block', self.block, BLOCKS)
-        check_choice('shortcut', self.shortcut, SHORTCUTS)
-        check_choice('skip', self.skip, SKIPS)
-        check_choice('placement', self.placement, PLACEMENTS)
-        check_choice('branch_init', self.branch_init, BRANCH_INITS)
-        check_choice('norm', self.norm, NORMS)
-        check_choice('dilated_pool', self.dilated_pool, DILATED_POOLS)
-        check_choice('bn_running_var', self.bn_running_var, BN_RUNNING_VARS)
+        for field in dataclasses.fields(self):
+            if 'check' in field.metadata:
+                field.metadata['check'](field.name, getattr(self, field.name))
         if self.bn_group_size < 0 or (self.bn_group_size and self.norm != 'batch'):
             raise ValueError(f'bn_group_size={self.bn_group_size!r} must be >= 0 (0: the whole batch) and is only '
                              f"used with norm='batch' (got norm={self.norm!r})")
-        check_choice('activation', self.activation, tuple(ACTIVATIONS))
-        check_choice('dtype', self.dtype, tuple(DTYPES))
-        for field in ('dropout_rate', 'drop_path_rate', 'skip_dropout'):
-            check_rate(field, getattr(self, field))
-        for field in ('cardinality', 'base_width', 'norm_groups', 'se_divisor'):
-            if getattr(self, field) < 1:
-                raise ValueError(f'{field}={getattr(self, field)!r} must be a positive integer')
         if self.se_ratio < 0:
             raise ValueError(f'se_ratio={self.se_ratio!r} must be >= 0 (0 turns squeeze-and-excitation off)')
         if self.skip != 'scale' and (self.skip_scale != 1.0 or self.branch_scale != 1.0):

@@ -30,8 +30,10 @@ def input_shape(model: ResNet, resolution: int, frames: int = VIDEO_FRAMES) -> t
     return (1,) + ((frames,) if model.spatial_dims == 3 else ()) + (resolution, resolution, 3)
 
 
-def count_macs(model: ResNet, resolution: int, frames: int = VIDEO_FRAMES) -> int:
-    """Multiply-accumulates of convs and dense layers for one `resolution`-square image (or clip)."""
+def counts(model: ResNet, resolution: int, frames: int = VIDEO_FRAMES) -> tuple[int, int]:
+    """(parameters, multiply-accumulates of convs and dense layers) for one `resolution`-square image (or
+    clip), from one shape-only trace of `model.init`: its forward pass visits every layer as `apply` does,
+    so the parameters and the MACs need no second trace."""
     macs = 0
 
     def count(next_fun, args, kwargs, context):
@@ -46,10 +48,14 @@ def count_macs(model: ResNet, resolution: int, frames: int = VIDEO_FRAMES) -> in
         return out
 
     x = jax.ShapeDtypeStruct(input_shape(model, resolution, frames), jnp.float32)
-    variables = jax.eval_shape(model.init, jax.random.key(0), x)
     with nn.intercept_methods(count):
-        jax.eval_shape(model.apply, variables, x)
-    return macs
+        variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    return param_count(variables['params']), macs
+
+
+def count_macs(model: ResNet, resolution: int, frames: int = VIDEO_FRAMES) -> int:
+    """Multiply-accumulates of convs and dense layers for one `resolution`-square image (or clip)."""
+    return counts(model, resolution, frames)[1]
 
 
 def table(names: list[str]) -> str:
@@ -58,11 +64,9 @@ def table(names: list[str]) -> str:
     for name in names:
         model = get_model(name)
         resolution = native_resolution(model)
+        params, macs = counts(model, resolution)
         shape = input_shape(model, resolution)
-        x = jax.ShapeDtypeStruct(shape, jnp.float32)
-        params = param_count(jax.eval_shape(model.init, jax.random.key(0), x)['params'])
-        gmacs = count_macs(model, resolution) / 1e9
-        rows.append(f'| {name} | {params:,} | {gmacs:.3f} | {"x".join(map(str, shape[1:-1]))} |')
+        rows.append(f'| {name} | {params:,} | {macs / 1e9:.3f} | {"x".join(map(str, shape[1:-1]))} |')
     return '\n'.join(rows)
 
 
