@@ -8,9 +8,9 @@ experiments/perf/CPU_NOTES.md):
    is the previous block's output inside it, so the transposed copy of a conv input that the
    weight gradient needs recomputes the residual stream back to the last non-fusible op,
    block after block. (`lax.optimization_barrier` does not stop this: XLA:CPU removes it
-   before fusion.) Here the conv input is passed through a reduce-window that is exactly
-   the identity (a max over the value and a -inf pad), which XLA cannot fuse into its
-   consumers, so the input is computed once and every gradient reads that copy.
+   before fusion.) Here the conv input is passed through a gather of all its rows, exactly
+   the identity, which XLA neither simplifies nor duplicates into its consumers, so the input
+   is computed once and every gradient reads that copy.
 2. Lhs-dilated convolutions. The input gradient of a strided conv is a conv of the gradient
    dilated by the stride, which XLA runs on a generic slow loop. Here it is a matrix product
    of the gradient with the kernel followed by the transpose of the patch extraction (pads
@@ -80,13 +80,12 @@ def input_grad(x_shape, kernel, g, strides, padding, dilation=(1, 1)):
 
 
 def materialize(x):
-    """x itself, computed once: a max over x and a -inf pad, which XLA:CPU keeps as a
-    reduce-window, an op it does not fuse into consumers (see point 1 of the module docstring).
-    Exact: max(v, -inf) is v for -0.0, infinities and NaN too; only subnormals become zero, as
-    in every max XLA:CPU computes (the ReLU that usually precedes a conv flushes them already)."""
-    pad = ((0, 0),) * x.ndim + ((0, 1),)
-    window = (1,) * x.ndim + (2,)
-    return lax.reduce_window(x[..., None], -jnp.inf, lax.max, window, (1,) * (x.ndim + 1), pad)[..., 0]
+    """x itself, computed once: the rows of x gathered at indices 0..n-1. XLA:CPU fuses x's
+    producers into the gather, so the one fusion that computes x also writes it, and it does not
+    duplicate a gather into consumers or simplify it away (see point 1 of the module docstring).
+    Exact for every float32 value, subnormals included: a gather only moves data."""
+    n = x.shape[0]
+    return jnp.take(x.reshape(n, -1), jnp.arange(n), axis=0, mode='clip').reshape(x.shape)
 
 
 def _plan(x_shape, kernel_shape, strides, padding, dilation):
