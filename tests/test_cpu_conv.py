@@ -94,6 +94,7 @@ def test_other_convs_go_to_lax_unchanged(case, monkeypatch):
     np.testing.assert_array_equal(cpu_conv.conv_general_dilated(*args), lax.conv_general_dilated(*args))
 
 
+@pytest.mark.slow
 def test_model_gradients_match_the_lax_model(monkeypatch):
     """A small ResNet with strided blocks and a 1x1 final map: same loss and gradients as with lax convs."""
     model = ResNet(num_classes=5, stage_sizes=(1, 1, 1), widths=(8, 16, 16), stem='cifar', stem_width=8)

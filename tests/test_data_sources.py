@@ -148,6 +148,7 @@ def test_bad_data_fields_fail_before_any_work(overrides, message):
         validate(tiny_config(**overrides), num_devices=1)
 
 
+@pytest.mark.slow
 def test_the_label_map_is_recorded_and_checked_on_resume_and_evaluate(tmp_path):
     """labels.json holds the training classes; a class folder added later stops resume and evaluate."""
     import json

@@ -285,6 +285,7 @@ def test_fixup_scalars_and_scaled_init():
 
 # --- Stochastic depth, dropout, squeeze-excitation, norms, dtype ------------------------------
 
+@pytest.mark.slow
 def test_drop_path_drops_whole_branches_per_sample_with_the_linear_rule():
     model = get_model('resnet20', drop_path_rate=0.5)
     x = images((1000, 4, 4, 3))
@@ -307,6 +308,7 @@ def test_drop_path_drops_whole_branches_per_sample_with_the_linear_rule():
     assert np.all(np.asarray(eval_inter['stage3_block2']['branch'][0]) != 0)
 
 
+@pytest.mark.slow
 def test_branch_dropout_is_active_only_in_training():
     x = images((2, 9, 9, 3))
     model = get_model('wrn16_8', dropout_rate=0.3, width_multiplier=1)

@@ -32,6 +32,7 @@ def flat(tree) -> dict:
 
 
 @pytest.mark.parametrize('ema', [False, True])
+@pytest.mark.slow
 def test_exported_weights_reproduce_the_checkpoint_logits(trained, tmp_path, ema):
     out = tmp_path / 'model.msgpack'
     result = run_module(['-m', 'resnet_jax.export', f'--workdir={trained}', f'--out={out}', '--step=4',
@@ -53,6 +54,7 @@ def test_exported_weights_reproduce_the_checkpoint_logits(trained, tmp_path, ema
         assert not np.array_equal(flat(state.ema_params)['head/kernel'], flat(state.params)['head/kernel'])
 
 
+@pytest.mark.slow
 def test_evaluate_reads_an_older_kept_checkpoint(trained):
     result = run_module(['-m', 'resnet_jax.evaluate', f'--workdir={trained}', '--step=4'])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -111,6 +113,7 @@ def test_warm_start_from_torchvision_weights(tmp_path):
             np.testing.assert_array_equal(value, want[name], err_msg=name)
 
 
+@pytest.mark.slow
 def test_a_warm_start_that_does_not_fit_is_refused(trained):
     config = tiny_config(**{'model.widths': (8, 16, 64), 'init.source': f'checkpoint:{trained}'})
     run = Run(config)

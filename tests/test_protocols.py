@@ -143,6 +143,7 @@ def test_ghost_batchnorm_equals_per_group_statistics_on_8_devices_for_every_mesh
             assert not c['collective'], key
 
 
+@pytest.mark.slow
 def test_ghost_batchnorm_in_a_network_is_the_network_on_each_group():
     model = get_model('resnet20', stage_sizes=(1, 1, 1), widths=(4, 8, 8), stem_width=4, bn_group_size=4)
     whole = get_model('resnet20', stage_sizes=(1, 1, 1), widths=(4, 8, 8), stem_width=4)

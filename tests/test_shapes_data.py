@@ -140,6 +140,7 @@ def standardise(images):
     return (x - mean) / (std + 1.0)
 
 
+@pytest.mark.slow
 def test_small_convnet_learns_it(small_splits, record_property):
     """The classes are separable by local shape: a tiny convnet gets well above 0.8 after
     200 steps of batch 64 (about 10 s on 2 CPU cores), where pixel templates are at chance."""

@@ -83,6 +83,7 @@ def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state(source
     np.testing.assert_equal(resumed, flat(checkpoint.read_numpy(str(tmp_path / 'whole' / 'checkpoints' / '8'))))
 
 
+@pytest.mark.slow
 def test_batch_norm_modes():
     """Stem and stage 1 frozen. 'frozen': their BatchNorms run in eval mode (statistics unchanged), the
     others use and update batch statistics; 'all': every statistic is unchanged and the train-mode
@@ -136,6 +137,7 @@ def test_layer_lr_decay_gives_each_parameter_its_learning_rate():
         assert (np.abs(value).max() == 0) == name.startswith('stage2_'), name
 
 
+@pytest.mark.slow
 def test_bad_fine_tuning_configs_fail_naming_the_problem(source, monkeypatch):
     """Before any compilation: a freeze pattern that matches nothing names itself and real paths; a
     head of another class count names both shapes and the option; impossible combinations name the field."""

@@ -113,6 +113,7 @@ def data_file(step_dir) -> str:
     return max(files, key=os.path.getsize)
 
 
+@pytest.mark.slow
 def test_flipped_bytes_are_damage_and_the_run_continues_from_the_older_step(trained, caplog):
     tmp_path, config = trained, tiny_config(**CONFIG)
     target = data_file(tmp_path / 'checkpoints' / '8')
@@ -129,6 +130,7 @@ def test_flipped_bytes_are_damage_and_the_run_continues_from_the_older_step(trai
     assert checkpoint.verify(str(tmp_path / 'checkpoints' / '8'))  # rewritten, with its sums
 
 
+@pytest.mark.slow
 def test_all_damaged_is_an_error_unless_asked_to_start_over(trained):
     tmp_path, config = trained, tiny_config(**CONFIG)
     for step in (4, 8):
@@ -153,6 +155,7 @@ def test_a_state_that_no_longer_fits_is_an_error_naming_the_leaf_not_damage(trai
     assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4', '8'] and run_starts(tmp_path) == [0]
 
 
+@pytest.mark.slow
 def test_any_path_a_user_can_type_works(tmp_path):
     """Brackets made Orbax miss its own files (etils globs the directory name); spaces, unicode,
     `*?#%` and a long name too."""
@@ -165,6 +168,7 @@ def test_any_path_a_user_can_type_works(tmp_path):
 
 # ------------------------------------------------------------------------------------------ metadata
 
+@pytest.mark.slow
 def test_garbage_or_missing_config_json_and_bad_metrics_lines(trained, caplog):
     tmp_path = trained
     stored = tmp_path / workdir.CONFIG_FILE
