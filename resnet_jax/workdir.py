@@ -371,22 +371,25 @@ class Stopped(SystemExit):
 class StopSignals:
     """SIGTERM, SIGUSR1 (SLURM's pre-emption warnings) and Ctrl-C, from the first instruction of a command.
 
-    Until `recording()` (called when training is about to make something new to save), a signal ends
-    the process at once by raising `Stopped`; where Python swallows that exception (a handler that
-    ran inside a garbage-collection callback), `recording()` raises it instead. Afterwards a signal
-    is recorded in `received` and the loop stops after the current step, saving first. A second
-    Ctrl-C aborts at once (KeyboardInterrupt, exit 130).
+    Three phases. Installed with `exit_at_once` (a command's first instruction, while the libraries
+    load and the flags are read, nothing opened yet), a signal ends the process on the spot with
+    PREEMPTED_EXIT_CODE: unwinding a half-imported native library can crash the interpreter's shutdown.
+    From `unwinding()` until `recording()` (called when training is about to make something new to
+    save), a signal raises `Stopped`; where Python swallows that exception (a handler that ran inside a
+    garbage-collection callback), `recording()` raises it instead. Afterwards a signal is recorded in
+    `received` and the loop stops after the current step, saving first. A second Ctrl-C aborts at once
+    (KeyboardInterrupt, exit 130).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.received, self._record, self._previous, self._interrupts = None, False, {}, 0
-        self._unraisable_hook = None
+        self._unraisable_hook, self._exit_at_once = None, False
 
-    def install(self) -> StopSignals:
+    def install(self, *, exit_at_once: bool = False) -> StopSignals:
         """Catch the stop signals from now on (a fresh start: nothing received, not yet recording)."""
-        self.received, self._record, self._interrupts = None, False, 0
+        self.received, self._record, self._interrupts, self._exit_at_once = None, False, 0, exit_at_once
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         self._unraisable_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
@@ -411,6 +414,10 @@ class StopSignals:
         if sig in self._previous:
             signal.signal(sig, self._previous.pop(sig))
 
+    def unwinding(self) -> None:
+        """From now on a signal raises `Stopped`, so that locks and files are closed on the way out."""
+        self._exit_at_once = False
+
     def recording(self) -> None:
         """From now on record signals; raise Stopped for one that came before and was swallowed."""
         if self.received and not self._record:
@@ -419,6 +426,10 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
+        if self._exit_at_once:
+            print(f'stopped by {name} before training began', file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(PREEMPTED_EXIT_CODE)
         if signum == signal.SIGINT:
             self._interrupts += 1
             if self._interrupts > 1:

@@ -34,6 +34,13 @@ def training_ran(run) -> bool:
         'train/loss' in r for r in metrics_lib.read_metrics(str(run)))
 
 
+def catches(proc, sig) -> bool:
+    """Whether the process has installed a handler for `sig` (the SigCgt mask in /proc/PID/status)."""
+    with open(f'/proc/{proc.pid}/status') as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith('SigCgt:'))
+    return bool(mask >> (sig - 1) & 1)
+
+
 def wait_for(condition, proc, timeout=RUN_TIMEOUT):
     deadline = time.time() + timeout
     while not condition():
@@ -193,13 +200,14 @@ def test_garbage_or_missing_config_json_and_bad_metrics_lines(trained, caplog):
 
 @pytest.mark.system
 def test_a_stop_signal_at_any_moment_exits_75(tmp_path):
-    """SIGTERM or SIGUSR1 at seeded random moments from the process's start (while the libraries
-    load, the data is read, the step compiles, or training runs): always exit 75; a checkpoint is
-    written only once training ran, and is complete."""
+    """SIGTERM or SIGUSR1 at seeded random moments from the command's first instruction (while the
+    libraries load, the data is read, the step compiles, or training runs): always exit 75; a
+    checkpoint is written only once training ran, and is complete."""
     rng = random.Random(16)
-    moments = [rng.uniform(0.05, 0.6), rng.uniform(0.6, 3.0), rng.uniform(3.0, 8.0), None]  # None: while training
+    moments = [rng.uniform(0.0, 0.6), rng.uniform(0.6, 3.0), rng.uniform(3.0, 8.0), None]  # None: while training
     for i, moment in enumerate(moments):
         run = tmp_path / f'run{i}'
+        sig = signal.SIGUSR1 if i % 2 else signal.SIGTERM
         proc = subprocess.Popen([sys.executable, '-m', 'resnet_jax.train', *TINY, *LONG, f'--workdir={run}',
                                  '--nodistributed'], cwd=ROOT, env=cli_env(1), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
@@ -207,9 +215,9 @@ def test_a_stop_signal_at_any_moment_exits_75(tmp_path):
             if moment is None:
                 wait_for(lambda: training_ran(run), proc)
                 time.sleep(rng.uniform(0.0, 1.0))
-            else:
+            else:  # counted from the command's first instruction, before which no program can catch it
+                wait_for(lambda: catches(proc, sig), proc)
                 time.sleep(moment)
-            sig = signal.SIGUSR1 if i % 2 else signal.SIGTERM
             proc.send_signal(sig)
             out, _ = proc.communicate(timeout=RUN_TIMEOUT)
         finally:
@@ -239,6 +247,23 @@ def test_ctrl_c_once_stops_after_saving(tmp_path):
     assert 'Ctrl-C: stopping after saving (press Ctrl-C again to abort at once)' in out
     assert f'stopped by SIGINT after step {workdir.saved_steps(str(tmp_path))[-1]}' in out
     assert workdir.holder(str(tmp_path)) is None
+
+
+def test_a_stop_while_the_libraries_load_ends_the_process_without_unwinding():
+    """The train command's first phase: a signal while JAX imports exits 75 on the spot, with no
+    interpreter shutdown (which can crash on a half-imported native library: seen as exit -11)."""
+    code = ('import atexit, os, signal\n'
+            'from resnet_jax import workdir\n'
+            'workdir.SIGNALS.install(exit_at_once=True)\n'
+            'atexit.register(lambda: print("interpreter shut down", flush=True))\n'
+            'try:\n'
+            '    os.kill(os.getpid(), signal.SIGTERM)\n'
+            '    import jax\n'
+            'finally:\n'
+            '    print("unwound", flush=True)\n')
+    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == workdir.PREEMPTED_EXIT_CODE, proc.stderr
+    assert proc.stdout == '' and 'stopped by SIGTERM before training began' in proc.stderr
 
 
 def test_a_second_ctrl_c_aborts_and_a_stop_before_training_raises_stopped():

@@ -15,7 +15,7 @@ JAX goes to <workdir>/library.log unless --verbosity (-v) is given.
 # data is read, a checkpoint is restored or the step compiles ends the run with exit 75.
 from resnet_jax import workdir as workdir_lib  # noqa: I001 (first, and cheap: no JAX)
 
-workdir_lib.SIGNALS.install()
+workdir_lib.SIGNALS.install(exit_at_once=True)
 
 import errno  # noqa: E402
 import logging as py_logging  # noqa: E402
@@ -49,6 +49,7 @@ def main(argv):
     """Train, turning each way a run can stop into its exit code (module docstring)."""
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    workdir_lib.SIGNALS.unwinding()  # workdirs and files are opened from here on
     if MEMBERS.value is not None and (flags.FLAGS['config'].present or WORKDIR.value is not None):
         raise app.UsageError('--members=FILE.json holds each member\'s config and workdir: give it without '
                              '--config, --config.* and --workdir')
@@ -104,9 +105,6 @@ if __name__ == '__main__':
         from resnet_jax import cli
 
         cli.run(main, config_flag='config')
-    except workdir_lib.Stopped as e:  # before main: while the flags are read
-        print(f'stopped by {e.signal_name} before training began', file=sys.stderr, flush=True)
-        sys.exit(workdir_lib.PREEMPTED_EXIT_CODE)
     except KeyboardInterrupt:
         print('aborted by a second Ctrl-C: nothing more was saved', file=sys.stderr, flush=True)
         sys.exit(workdir_lib.ABORTED_EXIT_CODE)
