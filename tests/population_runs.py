@@ -6,6 +6,8 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/population_runs.
 It prints, as JSON, the largest differences between the 4 standalone runs on one device and the population
 of 4 on one device, and laid over 8 devices (4 member shards x 2 data shards); and the collectives in the
 compiled step of 8 members over 8 devices (one member per device: there should be none).
+With the argument `alphas` (for test_population_mix.py, one device) it prints the differences of the members
+with their own mixup and CutMix alphas (ALPHAS) from their standalone runs.
 """
 
 import json
@@ -27,6 +29,8 @@ STEPS = 3
 # what one step moves (the test checks that the parameters moved by more than 1e-2).
 TOLERANCE = 1e-5
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute', 'all-to-all')
+# (mixup_alpha, cutmix_alpha) of four members: mixup only, CutMix only, neither, both.
+ALPHAS = [(0.2, 0.0), (0.0, 1.0), (0.0, 0.0), (0.4, 1.0)]
 
 
 def member_configs(learning_rates=(0.1, 0.05, 0.2, 0.1)):
@@ -35,6 +39,14 @@ def member_configs(learning_rates=(0.1, 0.05, 0.2, 0.1)):
     members = [(seed, name) for seed in (0, 1) for name in ('resnet20', 'plain20')]
     return [tiny_config(**{'data.dataset': 'synthetic', 'batch_size': 8, 'model.name': name, 'seed': seed,
                            'optim.lr': lr}) for (seed, name), lr in zip(members, learning_rates)]
+
+
+def configs_with_alphas(alphas):
+    """member_configs() with each member's (mixup_alpha, cutmix_alpha)."""
+    configs = member_configs()
+    for config, (m, c) in zip(configs, alphas):
+        config.data.mixup_alpha, config.data.cutmix_alpha = m, c
+    return configs
 
 
 def train_population(configs, devices, steps=STEPS, mode='vmap_step'):
@@ -88,7 +100,15 @@ def collectives(configs, devices):
     return sorted({op for op in COLLECTIVES if op in text})
 
 
-if __name__ == '__main__':
+def alphas_differences():
+    """The members with their own alphas against their standalone runs, all on the first device."""
+    configs, device = configs_with_alphas(ALPHAS), jax.devices()[0]
+    return differences(train_population(configs, [device]), [train_standalone(c, device) for c in configs])
+
+
+if __name__ == '__main__' and sys.argv[1:] == ['alphas']:
+    json.dump(alphas_differences(), sys.stdout)
+elif __name__ == '__main__':
     devices = jax.devices()
     assert len(devices) == 8, f'needs 8 devices, got {len(devices)}'
     configs = member_configs()
