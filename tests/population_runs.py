@@ -5,7 +5,8 @@ comparisons of test_population.py:
 XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/population_runs.py
 It prints, as JSON, the largest differences between the 4 standalone runs on one device and the population
 of 4 on one device, and laid over 8 devices (4 member shards x 2 data shards); and the collectives in the
-compiled step of 8 members over 8 devices (one member per device: there should be none).
+compiled step of 8 members over 8 devices (one member per device: there should be none); and the
+largest difference between the looped and the vmapped eval step of the population on one device.
 With the argument `alphas` (for test_population_mix.py, one device) it prints the differences of the members
 with their own mixup and CutMix alphas (ALPHAS) from their standalone runs.
 """
@@ -18,7 +19,7 @@ import numpy as np
 from helpers import tiny_config
 
 from resnet_jax import sharding
-from resnet_jax.data import arrays
+from resnet_jax.data import arrays, pipeline
 from resnet_jax.train.population import Population
 from resnet_jax.train.run import Run
 
@@ -91,6 +92,16 @@ def differences(population, standalone):
     return out
 
 
+def eval_loop_vs_vmap(configs, device) -> float:
+    """The largest difference between the population's looped and vmapped eval steps on one eval batch."""
+    population = Population(configs, [device])
+    assert population.eval_step is population.loop_eval  # the members share one CPU device
+    states, values = population.initial_states(), population.device_values()
+    batch = next(iter(pipeline.eval_batches(configs[0], population.eval_data, 0, 1)))
+    return max_difference(population.loop_eval(states, batch, values, False),
+                          population.vmap_eval(states, batch, values, False))
+
+
 def collectives(configs, devices):
     """The collective ops in the compiled vmapped step of `configs` over `devices`."""
     population = Population(configs, devices)
@@ -124,4 +135,5 @@ elif __name__ == '__main__':
                'moved': max_difference(member(sharded[0]['params'], 0),
                                        jax.device_get(Run(configs[0], devices[:1]).initial_state().params)),
                'mesh': dict(Population(configs, devices).mesh.shape),
+               'eval_loop_vs_vmap': eval_loop_vs_vmap(configs, devices[0]),
                'collectives_one_member_per_device': collectives(eight, devices)}, sys.stdout)

@@ -109,3 +109,23 @@ def test_model_gradients_match_the_lax_model(monkeypatch):
     monkeypatch.setattr(cpu_conv, 'applies', lambda *a: False)
     reference = jax.jit(jax.value_and_grad(loss))(variables['params'])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), ours, reference)
+
+
+def test_looped_computes_what_vmap_computes():
+    """A small conv net over a stack of 3 weight sets, with an argument passed whole (in_axes None):
+    the loop gives vmap's values and stacked tree."""
+    rng = np.random.default_rng(0)
+    kernels = jnp.asarray(rng.normal(size=(3, 3, 3, 4, 5)), jnp.float32)
+    scales = {'a': jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)}
+    x = images((2, 6, 6, 4))
+
+    def net(kernel, scale, x):
+        y = lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=cpu_conv.NHWC)
+        return {'out': jnp.tanh(y * scale['a']), 'sum': y.sum()}
+
+    want = jax.jit(jax.vmap(net, in_axes=(0, 0, None)))(kernels, scales, x)
+    got = jax.jit(cpu_conv.looped(net, 3, in_axes=(0, 0, None)))(kernels, scales, x)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, **TOL)

@@ -77,6 +77,7 @@ def test_population_matches_standalone_runs(compared):
         for i, diff in enumerate(compared[mode]):
             assert diff['variables'] < TOLERANCE and diff['metrics'] < TOLERANCE, (mode, i, diff)
     assert compared['members_differ'] > 1e-2  # the members are not copies of one run
+    assert compared['eval_loop_vs_vmap'] < TOLERANCE  # the eval step a population uses on CPU, and elsewhere
 
 
 @pytest.mark.slow

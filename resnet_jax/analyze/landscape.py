@@ -6,8 +6,8 @@ the weights, and every parameter of rank <= 1 (BatchNorm scales and biases, bias
 is zeroed. The tool evaluates L(theta + a d1) on a line and L(theta + a d1 + b d2) on a grid over
 [-span, span], without augmentation and with BatchNorm in eval mode using the trained running
 statistics, as Li et al. do. Grid points are evaluated in chunks: `jax.vmap` over the points of a
-chunk, the chunk axis sharded over the run's mesh, so each compiled call computes
-points_per_device x devices points on a batch of examples.
+chunk (on one CPU device a loop over them, `cpu_conv.looped`), the chunk axis sharded over the run's
+mesh, so each compiled call computes points_per_device x devices points on a batch of examples.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 
 from resnet_jax import sharding
 from resnet_jax.analyze import common
+from resnet_jax.models import cpu_conv
 
 SURFACE_CAP = 10.0  # losses above this are clipped in the surface and contour plots (not in the data)
 
@@ -47,10 +48,12 @@ def point_evaluator(model, variables, directions, x, y, batch_size: int, mesh, p
         moved = jax.tree_util.tree_map(lambda w, u, v: w + ab[0] * u + ab[1] * v, params, d1, d2)
         return common.loss_and_correct(model, {'params': moved, 'batch_stats': stats}, xb, yb, mask)
 
-    fn = jax.jit(jax.vmap(at_point, in_axes=(0,) + (None,) * 7), in_shardings=(points,) + (replicated,) * 7,
-                 out_shardings=points)
-    fixed = jax.device_put((variables['params'], variables['batch_stats'], *directions), replicated)
     chunk = mesh.size * points_per_device
+    in_axes = (0,) + (None,) * 7
+    one_cpu = mesh.size == 1 and mesh.devices.flat[0].platform == 'cpu'
+    stacked = cpu_conv.looped(at_point, chunk, in_axes) if one_cpu else jax.vmap(at_point, in_axes=in_axes)
+    fn = jax.jit(stacked, in_shardings=(points,) + (replicated,) * 7, out_shardings=points)
+    fixed = jax.device_put((variables['params'], variables['batch_stats'], *directions), replicated)
 
     def evaluate(coords):
         padded = np.concatenate([coords, np.zeros((-len(coords) % chunk, 2))]).astype(np.float32)

@@ -126,6 +126,19 @@ def _conv_bwd(strides, padding, dilation, residuals, g):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+def looped(fn, size: int, in_axes=0):
+    """What `jax.vmap(fn, in_axes)` computes, as a Python loop over the `size` entries of the leading
+    axis traced into one program (an argument whose in_axes entry is None is passed whole), its results
+    stacked. For networks vmapped over their weights on one CPU device: each conv would become a
+    batched (grouped) conv, which XLA:CPU runs 5-8x slower than the separate convs (docs/populations.md)."""
+    def run(*args):
+        axes = tuple(in_axes) if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+        take = lambda a, axis, i: a if axis is None else jax.tree_util.tree_map(lambda v: v[i], a)  # noqa: E731
+        outs = [fn(*(take(a, axis, i) for a, axis in zip(args, axes))) for i in range(size)]
+        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+    return run
+
+
 def _is_nhwc(lhs, rhs, dimension_numbers) -> bool:
     """Whether the conv reads NHWC input and an HWIO kernel and writes NHWC, in whatever form the
     dimension numbers are given (Flax passes a ConvDimensionNumbers)."""

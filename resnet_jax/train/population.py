@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from resnet_jax.data import feed as feed_lib
 from resnet_jax.data import pipeline
 from resnet_jax.errors import ConfigError, UserError, refuse
-from resnet_jax.models import registry
+from resnet_jax.models import cpu_conv, registry
 from resnet_jax.models.design import MEMBER_FIELDS, split_member
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
@@ -147,15 +147,6 @@ def member_mesh(size: int, devices) -> Mesh:
     return Mesh(np.asarray(devices).reshape(members, len(devices) // members), AXES)
 
 
-def _looped(fn, size: int):
-    """fn applied to each of `size` members in turn, a Python loop traced into one program, its results stacked
-    as jax.vmap stacks them: what a population trains with on CPU, and the benchmark's other mode."""
-    def looped(*args):
-        outs = [fn(*jax.tree_util.tree_map(lambda a: a[i], args)) for i in range(size)]
-        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
-    return looped
-
-
 class Population:
     """M member configs built into one network, M stacked train states and one compiled step.
 
@@ -164,7 +155,9 @@ class Population:
     axis. `train_step`, the one a training uses, is the loop on the CPU backend (XLA:CPU runs the vmapped,
     grouped convolutions 5-7x slower than M plain ones: `bench --population`, docs/populations.md) and the
     vmapped step elsewhere. Member i is what the standalone run of configs[i] computes, to float32 rounding.
-    `evaluate(states)` evaluates every member with one vmapped eval step. Limits: `check_limits`.
+    `evaluate(states)` evaluates every member with one eval step, `eval_step`: `loop_eval` when the members
+    share one CPU device (the vmapped `vmap_eval` measured 8x slower there), `vmap_eval` otherwise. Limits:
+    `check_limits`.
     """
 
     def __init__(self, configs, devices=None):
@@ -209,16 +202,22 @@ class Population:
                          donate_argnums=0)
         local = self.size // self.mesh.shape['member']  # members per member shard
         self.vmap_step = jax.jit(self._per_shard(jax.vmap(member_step)), **shardings)
-        self.loop_step = jax.jit(self._per_shard(_looped(member_step, local)), **shardings)
-        self.train_step = self.loop_step if devices[0].platform == 'cpu' else self.vmap_step
+        self.loop_step = jax.jit(self._per_shard(cpu_conv.looped(member_step, local)), **shardings)
+        on_cpu = devices[0].platform == 'cpu'
+        self.train_step = self.loop_step if on_cpu else self.vmap_step
 
-        def eval_members(states, batch, values, use_ema: bool):
-            def member_eval(state, values):
-                return step_lib.eval_step(state, batch, use_ema, model=self.model, mean=self.mean, std=self.std,
-                                          member=values['model'])
-            return jax.vmap(member_eval)(states, values)
+        def eval_members(stack):
+            def eval_step(states, batch, values, use_ema: bool):
+                def member_eval(state, values):
+                    return step_lib.eval_step(state, batch, use_ema, model=self.model, mean=self.mean,
+                                              std=self.std, member=values['model'])
+                return stack(member_eval)(states, values)
+            return jax.jit(eval_step, static_argnums=3)
 
-        self._eval_step = jax.jit(eval_members, static_argnums=3)
+        self.vmap_eval = eval_members(jax.vmap)
+        self.loop_eval = eval_members(lambda fn: cpu_conv.looped(fn, self.size))
+        # The vmapped eval measured 8x slower on one CPU device; spread over several, the members stay vmapped.
+        self.eval_step = self.loop_eval if on_cpu and self.mesh.shape['member'] == 1 else self.vmap_eval
 
     def _per_shard(self, fn):
         """fn on each member shard's own members (manual over 'member', automatic over 'data'): left to
@@ -265,7 +264,7 @@ class Population:
 
     def evaluate(self, states) -> list[dict[str, float]]:
         """Each member's `run.Run.evaluate`: 'eval/*' and 'val/*', and for a member with EMA 'ema_eval/*' and
-        'ema_val/*', every member's batch computed by one vmapped eval step."""
+        'ema_val/*', every member's batch computed by one `eval_step`."""
         results = [{} for _ in self.configs]
         values, ema = self.device_values(), [c.optim.ema_decay > 0 for c in self.configs]
         for prefix, data in (('eval', self.eval_data), ('val', self.val_data)):
@@ -274,7 +273,7 @@ class Population:
             for use_ema in (False, True) if any(ema) else (False,):
                 totals = None
                 for batch in pipeline.eval_batches(self.configs[0], data, 0, 1):
-                    out = self._eval_step(states, batch, values, use_ema)
+                    out = self.eval_step(states, batch, values, use_ema)
                     totals = out if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, out)
                 totals = jax.device_get(totals)
                 for i, result in enumerate(results):
