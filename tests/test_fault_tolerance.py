@@ -13,7 +13,7 @@ import flax
 import jax
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import EIGHT_CPU_DEVICES, tiny_config
 from test_multihost import ROOT, TINY, cli_env, processes, start_multiprocess  # noqa: F401 (fixture)
 from test_train import run_module
 
@@ -149,7 +149,7 @@ def test_restore_onto_one_device_of_a_checkpoint_saved_on_eight(tmp_path):
     result = run_module(['-m', 'resnet_jax.train', *TINY, '--config.num_steps=4', '--config.checkpoint.every_steps=4',
                          '--config.eval.every_steps=4', '--config.eval.batch_size=24', '--config.mesh.fsdp=2', '--config.mesh.fsdp_min_size=1',
                          "--config.mesh.param_rules=(('.*kernel','fsdp'),)", f'--workdir={tmp_path}', '--nodistributed'],
-                        env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+                        env={'XLA_FLAGS': EIGHT_CPU_DEVICES})
     assert result.returncode == 0, result.stderr[-3000:]
     from resnet_jax.train.config import load_resolved
     config = load_resolved(str(tmp_path))

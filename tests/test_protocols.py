@@ -1,6 +1,7 @@
 """Protocol fidelity: each mechanism computes its definition, and each experiment config holds the
 recipe of its paper (or of the authors' code where the paper is silent), named in the test."""
 
+import functools
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import EIGHT_CPU_DEVICES, tiny_config
 
 from resnet_jax.sweep import results
 from resnet_jax.data import arrays, augment, pipeline, sources
@@ -126,7 +127,7 @@ def test_pad_after_normalize_pads_with_the_mean():
 # ---- BatchNorm, head, optimizer -----------------------------------------------------------------
 
 def test_ghost_batchnorm_equals_per_group_statistics_on_8_devices_for_every_mesh():
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+    env = dict(os.environ, XLA_FLAGS=EIGHT_CPU_DEVICES,
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get('PYTHONPATH', ''))
     out = subprocess.run([sys.executable, 'ghost_batchnorm.py'], cwd=ROOT / 'tests', env=env, capture_output=True,
                          text=True, timeout=600)
@@ -148,9 +149,11 @@ def test_ghost_batchnorm_in_a_network_is_the_network_on_each_group():
     model = get_model('resnet20', stage_sizes=(1, 1, 1), widths=(4, 8, 8), stem_width=4, bn_group_size=4)
     whole = get_model('resnet20', stage_sizes=(1, 1, 1), widths=(4, 8, 8), stem_width=4)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(12, 8, 8, 3)), jnp.float32)
-    variables = model.init(jax.random.key(0), x[:1])
-    y, stats = model.apply(variables, x, train=True, mutable=['batch_stats'])
-    parts = [whole.apply(variables, x[i:i + 4], train=True, mutable=['batch_stats']) for i in (0, 4, 8)]
+    variables = jax.jit(model.init)(jax.random.key(0), x[:1])  # compiled once rather than op by op
+    train = lambda m: jax.jit(functools.partial(m.apply, train=True, mutable=['batch_stats']))  # noqa: E731
+    y, stats = train(model)(variables, x)
+    train_whole = train(whole)
+    parts = [train_whole(variables, x[i:i + 4]) for i in (0, 4, 8)]
     np.testing.assert_allclose(y, np.concatenate([p[0] for p in parts]), atol=1e-5)
     mean_of_groups = jax.tree_util.tree_map(lambda *s: np.mean(s, 0), *[p[1] for p in parts])
     for a, b in zip(jax.tree_util.tree_leaves(stats), jax.tree_util.tree_leaves(mean_of_groups)):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import EIGHT_CPU_DEVICES, tiny_config
 
 from resnet_jax import checkpoint, sharding
 from resnet_jax.data import arrays
@@ -35,7 +35,7 @@ def test_data_parallel_and_fsdp_match_one_device():
     batch: the only difference is float32 summation order across shards, so 1e-5 absolute
     on parameters and BatchNorm statistics of order 0.1 to 1 is a tight bound."""
     result = run_module(['sharded_training.py'], cwd=ROOT / 'tests',
-                        env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+                        env={'XLA_FLAGS': EIGHT_CPU_DEVICES})
     assert result.returncode == 0, result.stderr[-3000:]
     diffs = json.loads(result.stdout.strip().splitlines()[-1])
     assert diffs['data_parallel'] < 1e-5 and diffs['fsdp'] < 1e-5, diffs
