@@ -7,7 +7,11 @@ workdir's lock (so it is refused at once while a training runs there). On a read
 results are printed, with a warning that they could not be recorded.
 """
 
-import errno
+if __name__ == '__main__':  # the command, not an import of evaluate_workdir: before JAX starts its threads
+    from resnet_jax import allocator
+    allocator.keep_freed_memory()
+
+import errno  # noqa: E402
 import json
 import logging
 import os

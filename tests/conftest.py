@@ -1,4 +1,5 @@
-"""Session setup: one persistent XLA compilation cache for the whole test session, and each module-scoped
+"""Session setup: one persistent XLA compilation cache for the whole test session, the commands' malloc
+settings for CPU training (resnet_jax/allocator.py) in every test process, and each module-scoped
 fixture built once (its tests share one xdist worker: `--dist loadgroup` in pyproject.toml).
 
 Most tests compile the same few tiny networks, in this process, in the xdist workers and in the
@@ -14,6 +15,8 @@ import tempfile
 
 import pytest
 
+from resnet_jax import allocator
+
 CACHE_SETTINGS = {
     'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
     'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
@@ -27,6 +30,7 @@ def pytest_configure(config):
         return
     config.xla_cache = tempfile.mkdtemp(prefix='resnet_jax_xla_cache_')
     os.environ.update(CACHE_SETTINGS, JAX_COMPILATION_CACHE_DIR=config.xla_cache)
+    allocator.keep_freed_memory()  # the commands' CPU malloc settings, for the workers too
 
 
 def pytest_unconfigure(config):

@@ -40,8 +40,11 @@ def _conv_pair(x_shape, kernel, stride, dilation):
     return reference, ours
 
 
+@pytest.mark.parametrize('kernels', ['xla', 'onednn'])
 @pytest.mark.parametrize('n,size,cin,kernel,stride,cout,dilation', CASES)
-def test_forward_and_gradients_match_lax(n, size, cin, kernel, stride, cout, dilation):
+def test_forward_and_gradients_match_lax(n, size, cin, kernel, stride, cout, dilation, kernels, monkeypatch):
+    """Both CPU paths: XLA's convs with the rules of cpu_conv._plan, and oneDNN's (models/onednn.py)."""
+    monkeypatch.setenv('RESNET_JAX_CPU_CONV', kernels)
     x = images((n, size, size, cin))
     w = images((kernel, kernel, cin, cout), seed=1)
     reference, ours = _conv_pair(x.shape, kernel, stride, dilation)
@@ -105,6 +108,7 @@ def test_model_gradients_match_the_lax_model(monkeypatch):
         out, _ = model.apply(dict(variables, params=params), x, train=True, mutable=['batch_stats'])
         return (out ** 2).mean()
 
+    monkeypatch.setenv('RESNET_JAX_CPU_CONV', 'xla')
     ours = jax.jit(jax.value_and_grad(loss))(variables['params'])
     monkeypatch.setattr(cpu_conv, 'applies', lambda *a: False)
     reference = jax.jit(jax.value_and_grad(loss))(variables['params'])

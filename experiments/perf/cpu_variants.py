@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 
 from resnet_jax import sharding
-from resnet_jax.models import cpu_conv
+from resnet_jax.models import cpu_conv, resnet
 from resnet_jax.train.config import base_config
 from resnet_jax.train.run import Run
 
@@ -32,8 +32,20 @@ def _rw(x):
     return lax.reduce_window(x[..., None], -jnp.inf, lax.max, window, (1,) * (x.ndim + 1), pad)[..., 0]
 
 
+@jax.custom_vjp
+def _materialized(x):
+    return cpu_conv.materialize(x)
+
+
+_materialized.defvjp(lambda x: (cpu_conv.materialize(x), None), lambda _, g: (g,))
+_dnnl_conv = cpu_conv._dnnl_conv
+
+
 VARIANTS = {
     'base': lambda: contextlib.nullcontext(),
+    'norm_xla': lambda: _patched(resnet, norm_by_onednn=lambda groups: False),
+    'no_onednn': lambda: _patched(cpu_conv, uses_onednn=lambda padding: False),
+    'onednn_mat': lambda: _patched(cpu_conv, _dnnl_conv=lambda x, k, *conf: _dnnl_conv(_materialized(x), k, *conf)),
     'lax': lambda: _patched(cpu_conv, applies=lambda *a: False),
     'rw': lambda: _patched(cpu_conv, materialize=_rw),
     'nomat': lambda: _patched(cpu_conv, materialize=lambda x: x),

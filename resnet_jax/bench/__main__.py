@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from resnet_jax import allocator  # noqa: I001 (first: before JAX starts its threads)
+
+allocator.keep_freed_memory()
+
 import itertools
 import json
 import os

@@ -34,7 +34,7 @@ import numpy as np
 from resnet_jax import sharding
 from resnet_jax.data import sources
 from resnet_jax.errors import UserError
-from resnet_jax.models import get_model
+from resnet_jax.models import get_model, onednn
 from resnet_jax.models.registry import native_resolution
 from resnet_jax.models.torchvision_import import from_torchvision
 from resnet_jax.train import mfu
@@ -134,7 +134,16 @@ def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None
             'memory_gib': _memory_gib(compiled), 'device_peak_gib': _device_memory_gib('peak_bytes_in_use'),
             'device_limit_gib': _device_memory_gib('bytes_limit'), 'first_loss': first_loss,
             'device_kind': jax.devices()[0].device_kind, 'num_devices': devices,
-            'xla_flags': os.environ.get('XLA_FLAGS', '')}
+            'xla_flags': os.environ.get('XLA_FLAGS', ''), 'cpu_kernels': _cpu_kernels()}
+
+
+def _cpu_kernels() -> str | None:
+    """On CPU, whose conv kernels the step ran: 'oneDNN', or 'XLA: <why not oneDNN>'."""
+    if jax.default_backend() != 'cpu':
+        return None
+    if onednn.applies():
+        return 'oneDNN'
+    return 'XLA: ' + (onednn.why_not() or f'{jax.device_count()} devices (oneDNN runs with one)')
 
 
 def _window_times(step, state, steps: int, window: int):
@@ -332,8 +341,8 @@ def table(rows: list[dict]) -> str:
         eager, compiled = r.get('torch_eager') or {}, r.get('torch_compile') or {}
         torch_loss = eager.get('first_loss')
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['source']} | {r['remat']} | {r['device_kind']} x{r['num_devices']} "
-            f"| {_fmt(r['images_per_sec'])} | {_fmt(r['images_per_sec_per_device'])} "
+            f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['source']} | {r['remat']} | {r['device_kind']} x{r['num_devices']}"
+            f"{' (oneDNN)' if r.get('cpu_kernels') == 'oneDNN' else ''} | {_fmt(r['images_per_sec'])} | {_fmt(r['images_per_sec_per_device'])} "
             f"| {r['step_ms_median']:.2f} ({r['step_ms_p10']:.2f}-{r['step_ms_p90']:.2f}) | {r['compile_seconds']:.1f} "
             f"| {_fmt(r['mfu'], '.1%')} | {_fmt(r['memory_gib'], '.2f')} "
             f"| {_fmt(eager.get('images_per_sec'))} | {_fmt(compiled.get('images_per_sec'))} "

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from resnet_jax.models import onednn
+
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -126,6 +128,58 @@ def _conv_bwd(strides, padding, dilation, residuals, g):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+# oneDNN's conv, where it is in use (models/onednn.py), for what is differentiated: the forward conv
+# F(x, k), its input gradient D(g, k) and its weight gradient W(x, g) are bilinear and each other's
+# transposes, so each one's vjp is made of the other two and the path can be differentiated to any
+# order. A conv that is not differentiated (evaluation, inference) stays XLA's: oneDNN's float32 sums
+# over long windows (3x3x256 and wider) round 1.5-2.5x more (experiments/perf/CPU_NOTES.md, entry 21).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _dnnl_conv(x, kernel, strides, padding, dilation):
+    return _conv(x, kernel, strides, padding, dilation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _dnnl_forward(x, kernel, strides, padding, dilation):
+    """oneDNN's forward conv: what `_dnnl_conv` computes where it is differentiated."""
+    return onednn.conv(x, kernel, strides, padding, dilation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4, 5))
+def _dnnl_input_grad(x_shape, g, kernel, strides, padding, dilation):
+    return onednn.input_grad(x_shape, kernel, g, strides, padding, dilation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _dnnl_weight_grad(x, g, kernel_shape, strides, padding, dilation):
+    return onednn.weight_grad(x, kernel_shape, g, strides, padding, dilation)
+
+
+def _dnnl_conv_bwd(strides, padding, dilation, residuals, g):
+    x, kernel = residuals
+    return (_dnnl_input_grad(x.shape, g, kernel, strides, padding, dilation),
+            _dnnl_weight_grad(x, g, kernel.shape, strides, padding, dilation))
+
+
+def _dnnl_input_grad_bwd(x_shape, strides, padding, dilation, residuals, c):
+    g, kernel = residuals
+    return (_dnnl_forward(c, kernel, strides, padding, dilation),
+            _dnnl_weight_grad(c, g, kernel.shape, strides, padding, dilation))
+
+
+def _dnnl_weight_grad_bwd(kernel_shape, strides, padding, dilation, residuals, c):
+    x, g = residuals
+    return (_dnnl_input_grad(x.shape, g, c, strides, padding, dilation),
+            _dnnl_forward(x, c, strides, padding, dilation))
+
+
+_dnnl_conv.defvjp(lambda x, k, *conf: (_dnnl_forward(x, k, *conf), (x, k)), _dnnl_conv_bwd)
+_dnnl_forward.defvjp(lambda x, k, *conf: (_dnnl_forward(x, k, *conf), (x, k)), _dnnl_conv_bwd)
+_dnnl_input_grad.defvjp(lambda shape, g, k, *conf: (_dnnl_input_grad(shape, g, k, *conf), (g, k)),
+                        _dnnl_input_grad_bwd)
+_dnnl_weight_grad.defvjp(lambda x, g, shape, *conf: (_dnnl_weight_grad(x, g, shape, *conf), (x, g)),
+                         _dnnl_weight_grad_bwd)
+
+
 def looped(fn, size: int, in_axes=0):
     """What `jax.vmap(fn, in_axes)` computes, as a Python loop over the `size` entries of the leading
     axis traced into one program (an argument whose in_axes entry is None is passed whole), its results
@@ -167,5 +221,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, batch_group_count,
                                         precision, preferred_element_type)
-    return _conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding),
-                 tuple(rhs_dilation or (1, 1)))
+    conf = tuple(window_strides), tuple(tuple(p) for p in padding), tuple(rhs_dilation or (1, 1))
+    return (_dnnl_conv if uses_onednn(conf[1]) else _conv)(lhs, rhs, *conf)
+
+
+def uses_onednn(padding) -> bool:
+    """Whether a CPU-path conv calls oneDNN: where the models use it (onednn.applies), and no padding
+    is negative."""
+    return all(p >= 0 for pair in padding for p in pair) and onednn.applies()

@@ -22,16 +22,18 @@ scalars (`design.split_member`), so one vmapped network trains members that diff
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+from jax.custom_derivatives import SymbolicZero
 import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.errors import check_choice
-from resnet_jax.models import cpu_conv
+from resnet_jax.models import cpu_conv, onednn
 from resnet_jax.models.design import BlockDesign
 
 # Each stem: its conv kernel, the strides of its convs (three convs for 'deep') and whether a 3x3/2
@@ -69,6 +71,57 @@ def conv(features: int, kernel, stride=1, groups: int = 1, *, name: str, dtype: 
                    feature_group_count=groups, use_bias=use_bias, kernel_init=kernel_init,
                    bias_init=bias_init, dtype=dtype, conv_general_dilated=cpu_conv.conv_general_dilated,
                    name=name)
+
+
+def batch_norm_train(groups, scale, bias, epsilon):
+    """Training-mode BatchNorm of `groups` (groups, n, ..., C), each group by its own statistics, in
+    Flax's arithmetic: (y, mean, var), the statistics with shape (groups, 1, ..., 1, C)."""
+    axes = tuple(range(1, groups.ndim - 1))
+    x32 = groups.astype(jnp.float32)
+    mean = x32.mean(axes, keepdims=True)
+    var = jnp.maximum(0.0, jnp.square(x32).mean(axes, keepdims=True) - jnp.square(mean))
+    return (groups - mean) * (scale * jax.lax.rsqrt(var + epsilon)) + bias, mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_onednn_grad(groups, scale, bias, epsilon):
+    """`batch_norm_train` of one group of float32 values, its gradient computed by oneDNN's BatchNorm
+    backward (models/onednn.py) from x and the statistics, one fused pass where XLA's autodiff
+    keeps x - mean and makes several (experiments/perf/CPU_NOTES.md). XLA's forward pass stays: it
+    fuses the normalisation into the ReLU after it. A variance clamped at zero (a constant channel) is
+    differentiated as if it were not, a difference within float32 rounding of x - mean."""
+    return batch_norm_train(groups, scale, bias, epsilon)
+
+
+def _batch_norm_fwd(groups, scale, bias, epsilon):
+    groups, scale, bias = groups.value, scale.value, bias.value  # symbolic_zeros=True wraps the primals
+    y, mean, var = batch_norm_train(groups, scale, bias, epsilon)
+    return (y, mean, var), (groups, scale, mean, var)
+
+
+def _batch_norm_bwd(epsilon, residuals, cotangents):
+    x, scale, mean, var = residuals
+    g, g_mean, g_var = cotangents
+    channels = x.shape[-1]
+    dx, dscale, dbias = onednn.batch_norm_grad(x[0], g[0], scale, mean.reshape(channels), var.reshape(channels),
+                                               epsilon)
+    dx = dx[None]
+    if not isinstance(g_mean, SymbolicZero) or not isinstance(g_var, SymbolicZero):
+        # the statistics' own gradients, zero in a training step (they only feed the running averages)
+        count = x.size // channels
+        g_mean = jnp.zeros_like(mean) if isinstance(g_mean, SymbolicZero) else g_mean
+        g_var = jnp.zeros_like(var) if isinstance(g_var, SymbolicZero) else g_var
+        dx = dx + (g_mean + 2 * g_var * (x - mean)) / count
+    return dx, dscale, dbias
+
+
+batch_norm_onednn_grad.defvjp(_batch_norm_fwd, _batch_norm_bwd, symbolic_zeros=True)
+
+
+def norm_by_onednn(groups) -> bool:
+    """Whether training-mode BatchNorm runs as oneDNN's: one group of float32 values, and oneDNN in use
+    on a one-device CPU process (models.onednn.applies). Decided when the step is traced."""
+    return groups.shape[0] == 1 and groups.dtype == jnp.float32 and onednn.applies()
 
 
 class BatchNorm(nn.Module):
@@ -110,11 +163,8 @@ class BatchNorm(nn.Module):
             raise ValueError(f'a batch of {n} examples does not split into BatchNorm groups of {size} '
                              '(model.bn_group_size); use a batch that it divides')
         groups = x.reshape((n // size, size) + x.shape[1:])
-        axes = tuple(range(1, groups.ndim - 1))
-        x32 = groups.astype(jnp.float32)
-        mean = x32.mean(axes, keepdims=True)
-        var = jnp.maximum(0.0, jnp.square(x32).mean(axes, keepdims=True) - jnp.square(mean))
-        y = (groups - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+        normalize = batch_norm_onednn_grad if norm_by_onednn(groups) else batch_norm_train
+        y, mean, var = normalize(groups, scale, bias, self.epsilon)
         if not self.is_initializing():
             count = groups[0].size // channels
             correction = count / max(count - 1, 1) if self.unbiased else 1.0

@@ -17,6 +17,10 @@ from resnet_jax import workdir as workdir_lib  # noqa: I001 (first, and cheap: n
 
 workdir_lib.SIGNALS.install(exit_at_once=True)
 
+from resnet_jax import allocator  # noqa: E402 (before JAX starts its threads)
+
+allocator.keep_freed_memory()
+
 import errno  # noqa: E402
 import logging as py_logging  # noqa: E402
 import os  # noqa: E402

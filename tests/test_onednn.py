@@ -1,0 +1,206 @@
+"""oneDNN's conv and BatchNorm gradient on CPU (models/onednn.py): what XLA computes, to any order of
+differentiation for the conv, in the whole model, and chosen or refused as RESNET_JAX_CPU_CONV says.
+The test machines have oneDNN (`.ci/run` installs libdnnl-dev), so these tests require it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from resnet_jax.models import cpu_conv, onednn, resnet
+from resnet_jax.models.resnet import ResNet
+from tests.helpers import images
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _onednn(monkeypatch):
+    monkeypatch.setenv('RESNET_JAX_CPU_CONV', 'onednn')
+
+
+def _convs(stride, padding):
+    conf = (stride, stride), (padding, padding), (1, 1)
+
+    def ours(x, w):
+        return cpu_conv.conv_general_dilated(x, w, conf[0], conf[1], rhs_dilation=conf[2],
+                                             dimension_numbers=cpu_conv.NHWC)
+
+    def reference(x, w):
+        return lax.conv_general_dilated(x, w, conf[0], conf[1], rhs_dilation=conf[2], dimension_numbers=cpu_conv.NHWC)
+    assert cpu_conv.uses_onednn(conf[1])
+    return ours, reference
+
+
+@pytest.mark.parametrize('stride,padding', [(1, (1, 1)), (2, (0, 2))])
+def test_second_order_gradients_match_lax(stride, padding):
+    """The conv's backward convs have vjps of their own (each other), so grad-of-grad is XLA's."""
+    x, w = images((2, 7, 7, 3)), images((3, 3, 3, 4), 1)
+    ours, reference = _convs(stride, padding)
+
+    def outer(conv):
+        def inner(x, w):
+            return jnp.sum(jnp.sin(conv(x, w)))
+        gx = lambda x, w: jax.grad(inner, argnums=(0, 1))(x, w)  # noqa: E731
+        return jax.grad(lambda x, w: sum(jnp.sum(jnp.cos(g)) for g in gx(x, w)), argnums=(0, 1))
+
+    got = jax.jit(outer(ours))(x, w)
+    want = jax.jit(outer(reference))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_the_conv_really_is_a_onednn_call():
+    ours, _ = _convs(1, (1, 1))
+    hlo = jax.jit(jax.value_and_grad(lambda x, w: jnp.sin(ours(x, w)).sum(), argnums=(0, 1))).lower(
+        images((2, 5, 5, 3)), images((3, 3, 3, 4), 1)).as_text()
+    for target in ('conv_forward', 'conv_input_grad', 'conv_weight_grad'):
+        assert f'resnet_jax_onednn_{target}' in hlo
+    assert 'convolution(' not in hlo
+    # not differentiated: XLA's conv, whose rounding is smaller on wide convs
+    forward = jax.jit(ours).lower(images((2, 5, 5, 3)), images((3, 3, 3, 4), 1)).as_text()
+    assert 'resnet_jax_onednn' not in forward and 'convolution(' in forward
+
+
+def test_batch_norm_gradient_matches_autodiff():
+    """oneDNN's BatchNorm backward against XLA's autodiff of the same forward, with cotangents on the
+    statistics too (they are zero in training, but the function must not be wrong where they are not)."""
+    x = images((1, 6, 5, 5, 8)) * 3 + 1
+    scale, bias = images((8,), 1), images((8,), 2)
+    w = [images((1, 6, 5, 5, 8), 3), images((1, 1, 1, 1, 8), 4), images((1, 1, 1, 1, 8), 5)]
+
+    def loss(norm, with_stats):
+        def f(x, scale, bias):
+            outs = norm(x, scale, bias, 1e-5)
+            return sum(jnp.sum(o * v) for o, v in zip(outs, w) if with_stats or o.ndim == x.ndim and o.shape == x.shape)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+
+    for with_stats in (False, True):
+        got = loss(resnet.batch_norm_onednn_grad, with_stats)(x, scale, bias)
+        want = loss(resnet.batch_norm_train, with_stats)(x, scale, bias)
+        np.testing.assert_array_equal(got[0], want[0])  # the same forward arithmetic
+        for g, r in zip(got[1], want[1]):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_model_uses_onednn_and_matches_the_xla_model(monkeypatch):
+    """A small ResNet (strided blocks, projection shortcut, 1x1 final map): loss, gradients and the new
+    BatchNorm statistics with oneDNN as with XLA's ops."""
+    model = ResNet(num_classes=5, stage_sizes=(1, 1, 1), widths=(8, 16, 16), stem='cifar', stem_width=8)
+    x = images((4, 4, 4, 3))
+    variables = model.init(jax.random.key(0), x)
+
+    def loss(params):
+        out, state = model.apply(dict(variables, params=params), x, train=True, mutable=['batch_stats'])
+        return (out ** 2).mean(), state
+
+    step = lambda: jax.jit(jax.value_and_grad(loss, has_aux=True))  # noqa: E731
+    hlo = step().lower(variables['params']).as_text()
+    assert 'resnet_jax_onednn_norm_backward' in hlo and 'resnet_jax_onednn_conv_forward' in hlo
+    ours = step()(variables['params'])
+    monkeypatch.setenv('RESNET_JAX_CPU_CONV', 'xla')
+    assert 'resnet_jax_onednn' not in step().lower(variables['params']).as_text()
+    reference = step()(variables['params'])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), ours, reference)
+
+
+def test_ghost_batch_norm_keeps_xla(monkeypatch):
+    groups = images((2, 3, 4, 4, 8))
+    assert not resnet.norm_by_onednn(groups)
+    assert resnet.norm_by_onednn(groups[:1])
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'RESNET_JAX_CPU_CONV': 'auto', **env}, timeout=300)
+
+
+CONV = ('import jax.numpy as jnp; from resnet_jax.models import cpu_conv, onednn\n'
+        'x = jnp.ones((1, 4, 4, 2)); w = jnp.ones((3, 3, 2, 2))\n'
+        'y = cpu_conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=cpu_conv.NHWC)\n'
+        'print(float(y[0, 1, 1, 0]), onednn.why_not())\n')
+
+
+def test_kernel_is_built_once_into_the_cache(tmp_path):
+    first = _python(CONV, XDG_CACHE_HOME=str(tmp_path), RESNET_JAX_CPU_CONV='onednn')
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == ['18.0', 'None']
+    built = list((tmp_path / 'resnet_jax').glob('onednn_ops-*.so'))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    again = _python(CONV, XDG_CACHE_HOME=str(tmp_path), RESNET_JAX_CPU_CONV='onednn', CXX='/nonexistent/c++')
+    assert again.returncode == 0, again.stderr  # the cached library: no compiler needed
+    assert built[0].stat().st_mtime_ns == stamp
+
+
+def test_choices_and_refusals(tmp_path):
+    nowhere = dict(XDG_CACHE_HOME=str(tmp_path), ONEDNN_ROOT=str(tmp_path / 'no-onednn'))
+    auto = _python(CONV, **nowhere)  # auto: XLA's conv, and the reason is on record
+    assert auto.returncode == 0, auto.stderr
+    assert auto.stdout.startswith('18.0 oneDNN headers and library not found under')
+    demanded = _python(CONV, RESNET_JAX_CPU_CONV='onednn', **nowhere)
+    assert demanded.returncode == 1
+    assert 'RESNET_JAX_CPU_CONV=onednn but oneDNN cannot be used: oneDNN headers and library not found' in demanded.stderr
+    assert 'install libdnnl-dev, or set ONEDNN_ROOT' in demanded.stderr
+    typo = _python(CONV, RESNET_JAX_CPU_CONV='onednnn')
+    assert typo.returncode == 1
+    assert "RESNET_JAX_CPU_CONV='onednnn': allowed values are auto, onednn, xla" in typo.stderr
+    broken = _python(CONV, RESNET_JAX_CPU_CONV='onednn', XDG_CACHE_HOME=str(tmp_path), CXX='false')
+    assert 'compiling onednn_ops.cc failed' in broken.stderr
+
+
+ALLOCATOR = ('import os, sys; {before}from resnet_jax import allocator\n'
+             'print(allocator.keep_freed_memory(), {{k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}})')
+
+
+@pytest.mark.parametrize('case', ['applies', 'user_set', 'jax_first', 'accelerator'])
+def test_allocator_settings(case):
+    env, before = {}, ''
+    if case == 'user_set':
+        env['MALLOC_ARENA_MAX'] = '4'
+    elif case == 'jax_first':
+        before = 'import jax; '
+    elif case == 'accelerator':
+        env['JAX_PLATFORMS'] = 'cuda'
+    clean = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}
+    done = subprocess.run([sys.executable, '-c', ALLOCATOR.format(before=before)], capture_output=True, text=True,
+                          cwd=REPO, env={**clean, 'JAX_PLATFORMS': 'cpu', **env}, timeout=120)
+    applied, variables = done.stdout.split(' ', 1)
+    variables = json.loads(variables.replace("'", '"'))
+    if case == 'applies':
+        assert applied == 'True'
+        assert variables == {'MALLOC_ARENA_MAX': '1', 'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2**31 - 1)}
+    else:
+        assert applied == 'False'
+        assert variables == ({'MALLOC_ARENA_MAX': '4'} if case == 'user_set' else {})
+
+
+FAULTS = ('import resource, sys\n{settings}'
+          'import jax, jax.numpy as jnp\n'
+          'f = jax.jit(lambda x, w: (jnp.sin(x) @ w).sum())\n'
+          'x = jnp.ones((12000, 1000)); w = jnp.ones((1000, 64)); f(x, w).block_until_ready(); f(x, w).block_until_ready()\n'
+          'before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n'
+          'for _ in range(5): f(x, w).block_until_ready()\n'
+          'print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)')
+
+
+def test_allocator_settings_keep_the_step_memory():
+    """What they are for: a jitted computation's temporary buffer (48 MB here, above the largest size
+    glibc keeps by default) stops being handed back to the kernel and faulted in again on every call:
+    measured 58,700 faults over 5 calls by default, 2-3 with the settings (11,600 once, under load)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}
+    faults = {}
+    for name, settings in (('default', ''), ('kept', 'from resnet_jax import allocator; allocator.keep_freed_memory()\n')):
+        done = subprocess.run([sys.executable, '-c', FAULTS.format(settings=settings)], capture_output=True, text=True,
+                              cwd=REPO, env={**clean, 'JAX_PLATFORMS': 'cpu'}, timeout=120)
+        assert done.returncode == 0, done.stderr
+        faults[name] = int(done.stdout)
+    assert faults['default'] > 5 * 12000 * 1000 * 4 // 4096 * 0.9, faults  # sin(x), 11,700 pages per call
+    assert faults['kept'] < 0.3 * faults['default'], faults  # 2-3 alone; a loaded machine: one call's worth
