@@ -133,3 +133,25 @@ def test_looped_computes_what_vmap_computes():
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert g.shape == w.shape
         np.testing.assert_allclose(g, w, **TOL)
+
+
+@pytest.mark.parametrize('shape,ties', [((2, 9, 9, 3), False), ((2, 8, 8, 3), False), ((2, 7, 6, 4), True),
+                                        ((1, 1, 1, 2), False)])
+def test_cpu_max_pool_matches_flax(shape, ties):
+    """The stems' max pool on CPU (resnet._max_pool_3x3_2d): nn.max_pool's values exactly, and its
+    gradient, which goes to the first maximum of each window in row-major order: exactly so where
+    inputs tie (small integers), to rounding where overlapping windows' gradients add up in another order."""
+    from flax import linen as nn
+
+    from resnet_jax.models import resnet
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.integers(0, 3, shape) if ties else rng.normal(size=shape), jnp.float32)
+    y, vjp = jax.vjp(resnet.max_pool_3x3, x)
+    y_ref, vjp_ref = jax.vjp(lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1)] * 2), x)
+    np.testing.assert_array_equal(y, y_ref)
+    g = images(y.shape, 1)
+    if ties:
+        g = jnp.round(g * 4)  # small integers: every sum exact, so any misrouted gradient shows
+        np.testing.assert_array_equal(jax.jit(vjp)(g)[0], vjp_ref(g)[0])
+    else:
+        np.testing.assert_allclose(jax.jit(vjp)(g)[0], vjp_ref(g)[0], rtol=0, atol=1e-6)

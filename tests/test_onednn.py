@@ -187,14 +187,14 @@ FAULTS = ('import resource, sys\n{settings}'
           'f = jax.jit(lambda x, w: (jnp.sin(x) @ w).sum())\n'
           'x = jnp.ones((12000, 1000)); w = jnp.ones((1000, 64)); f(x, w).block_until_ready(); f(x, w).block_until_ready()\n'
           'before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n'
-          'for _ in range(5): f(x, w).block_until_ready()\n'
+          'for _ in range(10): f(x, w).block_until_ready()\n'
           'print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)')
 
 
 def test_allocator_settings_keep_the_step_memory():
     """What they are for: a jitted computation's temporary buffer (48 MB here, above the largest size
     glibc keeps by default) stops being handed back to the kernel and faulted in again on every call:
-    measured 58,700 faults over 5 calls by default, 2-3 with the settings (11,600 once, under load)."""
+    measured 58,700 faults over 5 calls by default, 2-3 with the settings (11,600-23,400 under load)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}
     faults = {}
     for name, settings in (('default', ''), ('kept', 'from resnet_jax import allocator; allocator.keep_freed_memory()\n')):
@@ -202,5 +202,5 @@ def test_allocator_settings_keep_the_step_memory():
                               cwd=REPO, env={**clean, 'JAX_PLATFORMS': 'cpu'}, timeout=120)
         assert done.returncode == 0, done.stderr
         faults[name] = int(done.stdout)
-    assert faults['default'] > 5 * 12000 * 1000 * 4 // 4096 * 0.9, faults  # sin(x), 11,700 pages per call
-    assert faults['kept'] < 0.3 * faults['default'], faults  # 2-3 alone; a loaded machine: one call's worth
+    assert faults['default'] > 10 * 12000 * 1000 * 4 // 4096 * 0.9, faults  # sin(x), 11,700 pages per call
+    assert faults['kept'] < 0.5 * faults['default'], faults  # 2-3 alone; on a loaded machine 1-2 calls' worth

@@ -1,4 +1,6 @@
-"""The convolution the models run on CPU: XLA's own conv, with its slow cases routed elsewhere.
+"""The convolution the models run on CPU: oneDNN's where it is in use (models/onednn.py; a
+differentiated conv, one device per process), otherwise XLA's own conv with its slow cases routed
+elsewhere.
 
 Three things make XLA's CPU backend slow at a ResNet's training step (measured in
 experiments/perf/CPU_NOTES.md):

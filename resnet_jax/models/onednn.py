@@ -1,8 +1,11 @@
-"""oneDNN's convolution on the CPU backend, as XLA FFI custom calls (onednn_conv.cc).
+"""oneDNN's convolution (forward, input and weight gradient) and BatchNorm backward on the CPU
+backend, as XLA FFI custom calls (onednn_ops.cc).
 
 XLA:CPU's own convolutions run at 80-105 GFLOP/s on a ResNet's shapes where oneDNN, the library
-PyTorch uses, reaches 170-240 (experiments/perf/CPU_NOTES.md, entry 14); the convolutions are two
-thirds of a CPU training step. So on CPU the models' convs call oneDNN when it is there.
+PyTorch uses, reaches 170-240 (experiments/perf/CPU_NOTES.md, entries 14 and 16); the convolutions
+are two thirds of a CPU training step, and XLA's autodiff of BatchNorm makes several passes where
+oneDNN's backward makes one (entry 18). So on CPU the models call oneDNN when it is there
+(models/cpu_conv.py, the BatchNorm in models/resnet.py).
 
 The kernel is compiled on first use with the system's C++ compiler against oneDNN's headers and
 library (Debian/Ubuntu: `apt-get install libdnnl-dev`; or `ONEDNN_ROOT` naming an install prefix),
@@ -30,8 +33,7 @@ import numpy as np
 SOURCE = Path(__file__).with_name('onednn_ops.cc')
 CHOICES = ('auto', 'onednn', 'xla')
 TARGETS = {'conv_forward': 'ResnetJaxOnednnConvForward', 'conv_input_grad': 'ResnetJaxOnednnConvInputGrad',
-           'conv_weight_grad': 'ResnetJaxOnednnConvWeightGrad', 'norm_forward': 'ResnetJaxOnednnNormForward',
-           'norm_backward': 'ResnetJaxOnednnNormBackward'}
+           'conv_weight_grad': 'ResnetJaxOnednnConvWeightGrad', 'norm_backward': 'ResnetJaxOnednnNormBackward'}
 
 
 class Unavailable(RuntimeError):
@@ -100,12 +102,14 @@ def _build() -> Path:
 def _load() -> str | None:
     """Builds, loads and registers the kernels once per process: None, or why they are unavailable."""
     try:
-        library = ctypes.CDLL(str(_build()))
+        library = ctypes.CDLL(str(path := _build()))
+        handlers = {name: getattr(library, symbol) for name, symbol in TARGETS.items()}
     except (Unavailable, OSError) as err:
         return str(err)
-    for name, symbol in TARGETS.items():
-        jax.ffi.register_ffi_target(f'resnet_jax_onednn_{name}', jax.ffi.pycapsule(getattr(library, symbol)),
-                                    platform='cpu')
+    except AttributeError as err:  # a library built from another version of the source
+        return f'{path} lacks a kernel ({err}); delete it to rebuild'
+    for name, handler in handlers.items():
+        jax.ffi.register_ffi_target(f'resnet_jax_onednn_{name}', jax.ffi.pycapsule(handler), platform='cpu')
     return None
 
 
@@ -171,13 +175,8 @@ def weight_grad(x, kernel_shape, g, strides, padding, dilation):
     return _conv_call('conv_weight_grad', kernel_shape, x, g, strides=strides, padding=padding, dilation=dilation)
 
 
-def batch_norm(x, scale, bias, epsilon):
-    """Training-mode BatchNorm of channels-last x by its batch statistics: (y, mean, biased variance)."""
-    c = x.shape[-1]
-    return _call('norm_forward', [x.shape, (c,), (c,)], x, scale, bias, epsilon=np.float32(epsilon))
-
-
 def batch_norm_grad(x, g, scale, mean, var, epsilon):
-    """(dx, dscale, dbias) of `batch_norm` at x for the output gradient g (mean and var held as its own)."""
+    """(dx, dscale, dbias) of training-mode BatchNorm of channels-last x, y = (x - mean) * scale /
+    sqrt(var + epsilon) + bias with mean and var x's batch statistics, for the output gradient g."""
     c = x.shape[-1]
     return _call('norm_backward', [x.shape, (c,), (c,)], x, g, scale, mean, var, epsilon=np.float32(epsilon))

@@ -1,7 +1,7 @@
 // oneDNN's convolution and batch normalization as XLA FFI handlers for the CPU backend, float32:
 // the forward conv, its input gradient and its weight gradient (NHWC activations, HWIO kernels, as
-// jax.lax.conv_general_dilated computes them with no input dilation and one group), and training-mode
-// BatchNorm forward and backward over the leading axes of a channels-last array. Built and loaded by
+// jax.lax.conv_general_dilated computes them with no input dilation and one group), and the backward
+// pass of training-mode BatchNorm over the leading axes of a channels-last array. Built and loaded by
 // resnet_jax/models/onednn.py; why it exists is in experiments/perf/CPU_NOTES.md.
 //
 // Each distinct op (kind and shapes, strides, padding, dilation, epsilon) gets its primitive made once
@@ -26,7 +26,7 @@ using tag = dnnl::memory::format_tag;
 
 namespace {
 
-enum Kind : int64_t { kForward = 0, kInputGrad = 1, kWeightGrad = 2, kNormForward = 3, kNormBackward = 4 };
+enum Kind : int64_t { kForward = 0, kInputGrad = 1, kWeightGrad = 2, kNormBackward = 3 };
 
 // One conv's geometry: x is (n, h, w, c), the kernel (kh, kw, c, o), y (n, ho, wo, o).
 struct Geometry {
@@ -68,7 +68,7 @@ dnnl::convolution_forward::primitive_desc forward_pd(const Geometry& g) {
 
 // A primitive ready to run: for a conv, the kernel's layout inside oneDNN; its scratchpad size.
 struct Prepared {
-  dnnl::primitive conv;
+  dnnl::primitive primitive;
   memory::desc kernel, scratchpad;
 };
 
@@ -136,16 +136,16 @@ ffi::Error run(Kind kind, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
     memory scratch(p.scratchpad, cpu(), grown(scratch_space, p.scratchpad.get_size()));
     memory xm(g.x(), cpu(), x.typed_data()), ym(g.y(), cpu(), y.typed_data());
     if (kind == kWeightGrad) {
-      p.conv.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, ym}, {DNNL_ARG_DIFF_WEIGHTS, inner_kernel},
+      p.primitive.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, ym}, {DNNL_ARG_DIFF_WEIGHTS, inner_kernel},
                               {DNNL_ARG_SCRATCHPAD, scratch}});
       if (inner_kernel != user_kernel) dnnl::reorder(inner_kernel, user_kernel).execute(stream, inner_kernel, user_kernel);
     } else {
       if (inner_kernel != user_kernel) dnnl::reorder(user_kernel, inner_kernel).execute(stream, user_kernel, inner_kernel);
       if (kind == kForward)
-        p.conv.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, inner_kernel}, {DNNL_ARG_DST, ym},
+        p.primitive.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, inner_kernel}, {DNNL_ARG_DST, ym},
                                 {DNNL_ARG_SCRATCHPAD, scratch}});
       else
-        p.conv.execute(stream, {{DNNL_ARG_DIFF_SRC, xm}, {DNNL_ARG_WEIGHTS, inner_kernel}, {DNNL_ARG_DIFF_DST, ym},
+        p.primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, xm}, {DNNL_ARG_WEIGHTS, inner_kernel}, {DNNL_ARG_DIFF_DST, ym},
                                 {DNNL_ARG_SCRATCHPAD, scratch}});
     }
     stream.wait();
@@ -167,9 +167,8 @@ dnnl::batch_normalization_forward::primitive_desc norm_forward_pd(const memory::
 #endif
 }
 
-Prepared prepare_norm(const memory::desc& x, float epsilon, Kind kind) {
-  auto forward = norm_forward_pd(x, epsilon);
-  if (kind == kNormForward) return {dnnl::batch_normalization_forward(forward), {}, forward.scratchpad_desc()};
+Prepared prepare_norm_backward(const memory::desc& x, float epsilon) {
+  auto forward = norm_forward_pd(x, epsilon);  // the hint oneDNN asks for
   const auto prop = dnnl::prop_kind::backward;
 #if DNNL_VERSION_MAJOR >= 3
   dnnl::batch_normalization_backward::primitive_desc pd(cpu(), prop, x, x, x, epsilon, kNormFlags, forward,
@@ -181,8 +180,8 @@ Prepared prepare_norm(const memory::desc& x, float epsilon, Kind kind) {
   return {dnnl::batch_normalization_backward(pd), {}, pd.scratchpad_desc()};
 }
 
-// Runs a BatchNorm primitive on buffers given by argument id; x names the normalised array.
-ffi::Error run_norm(Kind kind, ffi::Buffer<ffi::F32> x, float epsilon, const std::map<int, void*>& buffers) {
+// Runs BatchNorm's backward primitive on buffers given by argument id; x is the normalised array.
+ffi::Error run_norm_backward(ffi::Buffer<ffi::F32> x, float epsilon, const std::map<int, void*>& buffers) {
   const auto dims = x.dimensions();
   if (dims.size() < 2) return ffi::Error::InvalidArgument("onednn batch norm: expects (..., channels)");
   int64_t m = 1;
@@ -194,7 +193,7 @@ ffi::Error run_norm(Kind kind, ffi::Buffer<ffi::F32> x, float epsilon, const std
   int32_t bits;
   std::memcpy(&bits, &epsilon, sizeof bits);
   try {
-    const Prepared& p = cached({kind, m, c, bits}, [&] { return prepare_norm(xd, epsilon, kind); });
+    const Prepared& p = cached({kNormBackward, m, c, bits}, [&] { return prepare_norm_backward(xd, epsilon); });
     dnnl::stream stream(cpu());
     thread_local std::vector<uint8_t> scratch_space;
     std::unordered_map<int, memory> args{
@@ -204,7 +203,7 @@ ffi::Error run_norm(Kind kind, ffi::Buffer<ffi::F32> x, float epsilon, const std
                                arg != DNNL_ARG_DIFF_DST;
       args.emplace(arg, memory(per_channel ? vd : xd, cpu(), data));
     }
-    p.conv.execute(stream, args);
+    p.primitive.execute(stream, args);
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("onednn batch norm: ") + e.what());
@@ -212,19 +211,10 @@ ffi::Error run_norm(Kind kind, ffi::Buffer<ffi::F32> x, float epsilon, const std
   return ffi::Error::Success();
 }
 
-ffi::Error NormForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
-                       ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
-                       ffi::ResultBuffer<ffi::F32> var, float epsilon) {
-  return run_norm(kNormForward, x, epsilon,
-                  {{DNNL_ARG_SRC, x.typed_data()}, {DNNL_ARG_SCALE, scale.typed_data()},
-                   {DNNL_ARG_SHIFT, shift.typed_data()}, {DNNL_ARG_DST, y->typed_data()},
-                   {DNNL_ARG_MEAN, mean->typed_data()}, {DNNL_ARG_VARIANCE, var->typed_data()}});
-}
-
 ffi::Error NormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> scale,
                         ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var, ffi::ResultBuffer<ffi::F32> dx,
                         ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dshift, float epsilon) {
-  return run_norm(kNormBackward, x, epsilon,
+  return run_norm_backward(x, epsilon,
                   {{DNNL_ARG_SRC, x.typed_data()}, {DNNL_ARG_DIFF_DST, dy.typed_data()},
                    // oneDNN 2.x also asks for the shift, which the gradient does not depend on
                    {DNNL_ARG_SCALE, scale.typed_data()}, {DNNL_ARG_SHIFT, scale.typed_data()},
@@ -267,9 +257,6 @@ CONV_HANDLER(ResnetJaxOnednnConvInputGrad, InputGrad)
 CONV_HANDLER(ResnetJaxOnednnConvWeightGrad, WeightGrad)
 
 using F32 = ffi::Buffer<ffi::F32>;
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxOnednnNormForward, NormForward,
-                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>().Ret<F32>()
-                                  .Attr<float>("epsilon"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxOnednnNormBackward, NormBackward,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
                                   .Ret<F32>().Ret<F32>().Ret<F32>().Attr<float>("epsilon"));
