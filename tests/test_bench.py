@@ -26,7 +26,8 @@ def bench(tmp_path, *flags):
 
 @pytest.mark.slow
 def test_same_first_loss_as_pytorch_and_consistent_columns(tmp_path):
-    stdout, (row,) = bench(tmp_path, '--batch_size=8', '--vs_torch', '--torch_compile=false', '--peak_tflops=1')
+    stdout, (row, evaluated) = bench(tmp_path, '--batch_size=8', '--vs_torch', '--torch_compile=false',
+                                     '--peak_tflops=1', '--step=train,eval')
     torch = row['torch_eager']
     # Same initial weights (torch's init, converted) and the same normalised batch: float32
     # losses agree to rounding (measured ~1e-7 relative); a wrong layout or BN mode is >1e-2 off.
@@ -40,8 +41,15 @@ def test_same_first_loss_as_pytorch_and_consistent_columns(tmp_path):
     assert row['step_ms_p10'] <= row['step_ms_median'] <= row['step_ms_p90']
     assert row['projected_minutes'] == pytest.approx(64_000 * seconds / 60)
     assert 0 < row['memory_gib'] < 1 and row['compile_seconds'] > 0
+    # The evaluation step: eval-mode BatchNorm (initial running statistics) on the same batch, both sides.
+    assert evaluated['step'] == 'eval' and evaluated['projected_minutes'] is None
+    assert evaluated['first_loss'] == pytest.approx(evaluated['torch_eager']['first_loss'], rel=1e-5)
+    assert abs(evaluated['first_loss'] - row['first_loss']) > 1e-3  # batch statistics vs running ones
+    assert evaluated['tflop_per_step_per_device'] * 1e12 == 2 * count_macs(get_model('resnet20'), 16) * 8
     lines = stdout.strip().splitlines()
-    assert lines[-3].startswith('| model | batch | dtype | source |') and lines[-1].startswith('| resnet20 | 8 |')
+    assert lines[-4].startswith('| model | batch | dtype | source | step |')
+    assert lines[-2].startswith('| resnet20 | 8 | float32 | synthetic | train |')
+    assert lines[-1].startswith('| resnet20 | 8 | float32 | synthetic | eval |')
 
 
 @pytest.mark.slow
@@ -65,6 +73,8 @@ def test_largest_batch_brackets_the_memory_limit(tmp_path):
     (['--model=resnet51'], "--model: unknown model 'resnet51'"),
     (['--source=disk'], "--source: 'disk' is not one of synthetic, device, host"),
     (['--batch_size=8,x'], '--batch_size: 8,x must be comma-separated integers'),
+    (['--step=predict'], "--step: 'predict' is not one of train, eval"),
+    (['--step=eval', '--source=host'], '--step=eval times the evaluation step on one fixed batch'),
     (['--vs_torch', '--source=device'], '--vs_torch measures the step alone: use --source=synthetic'),
     (['--json=/nonexistent/rows.json'], '--json=/nonexistent/rows.json: its directory does not exist'),
 ])

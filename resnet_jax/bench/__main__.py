@@ -25,6 +25,7 @@ from resnet_jax.models.design import DTYPES
 from resnet_jax.models.registry import PRESETS
 
 SOURCES = ('synthetic', 'device', 'host')
+STEPS = ('train', 'eval')
 DEFAULT_STEPS_PROJECTED = 64_000  # He et al.'s CIFAR schedule, for the projected-time column
 
 FLAGS = flags.FLAGS
@@ -32,6 +33,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list('model', ['resnet50'], 'presets to measure (comma-separated)')
 flags.DEFINE_list('batch_size', ['256'], 'global batch sizes (comma-separated)')
 flags.DEFINE_list('dtype', ['bfloat16'], "compute dtypes: 'float32', 'bfloat16' (parameters stay float32)")
+flags.DEFINE_list('step', ['train'], "steps to time: 'train' (forward, backward, update) and/or 'eval' (the forward "
+                  "pass `evaluate` runs)")
 flags.DEFINE_list('remat', ['false'], "'false' and/or 'true': recompute each block's activations in the backward pass")
 flags.DEFINE_integer('image_size', None, 'input size; default: the preset native size (32 CIFAR, 224 ImageNet)')
 flags.DEFINE_list('population', None, 'member counts M (comma-separated): time populations of M runs, vmapped and '
@@ -68,6 +71,7 @@ def _parse_rows() -> list[dict]:
             raise BenchError(f'--model: unknown model {model!r}.{close_matches(model, PRESETS)} '
                              'Run python -m resnet_jax.models for the list.')
     for name, values, allowed in (('dtype', FLAGS.dtype, tuple(DTYPES)), ('source', FLAGS.source, SOURCES),
+                                  ('step', FLAGS.step, STEPS),
                                   ('remat', FLAGS.remat, ('false', 'true'))):
         for v in values:
             if v not in allowed:
@@ -81,8 +85,12 @@ def _parse_rows() -> list[dict]:
     for flag in ('vs_torch', 'max_batch', 'population'):
         if FLAGS[flag].value and set(FLAGS.source) != {'synthetic'}:
             raise BenchError(f'--{flag} measures the step alone: use --source=synthetic')
-    return [dict(model=m, batch=b, dtype=d, source=s, remat=r == 'true')
-            for m, b, d, s, r in itertools.product(FLAGS.model, batches, FLAGS.dtype, FLAGS.source, FLAGS.remat)]
+    if 'eval' in FLAGS.step and (FLAGS.max_batch or FLAGS.population or set(FLAGS.source) != {'synthetic'}):
+        raise BenchError('--step=eval times the evaluation step on one fixed batch: use --source=synthetic, '
+                         'without --max_batch or --population')
+    return [dict(model=m, batch=b, dtype=d, source=s, step=t, remat=r == 'true')
+            for m, b, d, s, t, r in itertools.product(FLAGS.model, batches, FLAGS.dtype, FLAGS.source, FLAGS.step,
+                                                      FLAGS.remat)]
 
 
 def main(argv):

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from resnet_jax import sharding
-from resnet_jax.data import sources
+from resnet_jax.data import arrays, sources
 from resnet_jax.errors import UserError
 from resnet_jax.models import get_model, onednn
 from resnet_jax.models.registry import native_resolution
@@ -92,8 +92,9 @@ def _device_memory_gib(stat: str) -> float | None:
     return stats[stat] / 2 ** 30 if stat in stats else None
 
 
-def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None) -> dict:
-    """Compile and time our train step for `config`; optionally start from converted torch weights."""
+def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None, step: str = 'train') -> dict:
+    """Compile and time our `step` ('train' or 'eval') for `config`; optionally from converted torch weights.
+    The eval step is the one `evaluate` runs, on the training split's first batch (all of it real)."""
     run = Run(config)
     state = run.initial_state()
     if torch_weights is not None:
@@ -101,26 +102,35 @@ def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None
         state = jax.device_put(state.replace(params=variables['params'], batch_stats=variables['batch_stats'],
                                              opt_state=run.optimizer.init(variables['params'])),
                                run.state_sharding)
-    if config.data.dataset == 'synthetic':  # random images: the same input every step, so no host work
-        next_input = run.feed.fixed_inputs(run.train_data)
-    else:
-        next_input = run.train_inputs(0)[1]
-    rng = jax.random.key(config.seed)
-    inputs = next_input()
     t0 = time.perf_counter()
-    compiled = run.train_step.lower(state, inputs, rng).compile()
+    if step == 'train':
+        if config.data.dataset == 'synthetic':  # random images: the same input every step, so no host work
+            next_input = run.feed.fixed_inputs(run.train_data)
+        else:
+            next_input = run.train_inputs(0)[1]
+        rng = jax.random.key(config.seed)
+        compiled = run.train_step.lower(state, next_input(), rng).compile()
+        advance = lambda s: compiled(s, next_input(), rng)  # noqa: E731
+        mean_loss = lambda metrics: metrics['train/loss']  # noqa: E731
+    else:
+        first = next(iter(arrays.eval_batches(run.train_data, config.eval.batch_size, jax.process_index(),
+                                              jax.process_count())))
+        batch = sharding.global_batch(first, run.mesh)
+        compiled = run.eval_step.lower(state, batch, False).compile()
+        advance = lambda s: (s, compiled(s, batch))  # noqa: E731
+        mean_loss = lambda sums: sums['loss'] / sums['count']  # noqa: E731
     compile_seconds = time.perf_counter() - t0
-    flops = mfu.model_flops(run.model, config.data.image_size, config.batch_size) / run.mesh.size
+    flops = mfu.model_flops(run.model, config.data.image_size, config.batch_size, step == 'train') / run.mesh.size
 
     first_loss = None
     for i in range(warmup):
-        state, metrics = compiled(state, next_input(), rng)
+        state, metrics = advance(state)
         if i == 0:
-            first_loss = float(metrics['train/loss'])
+            first_loss = float(mean_loss(metrics))
     jax.block_until_ready(state)
-    state, metrics, per_step = _window_times(lambda s: compiled(s, next_input(), rng), state, steps, window)
-    if not np.isfinite(float(metrics['train/loss'])):
-        raise FloatingPointError(f'the loss became {float(metrics["train/loss"])} while timing')
+    state, metrics, per_step = _window_times(advance, state, steps, window)
+    if not np.isfinite(float(mean_loss(metrics))):
+        raise FloatingPointError(f'the loss became {float(mean_loss(metrics))} while timing')
 
     median = statistics.median(per_step)
     devices = run.mesh.size
@@ -134,15 +144,15 @@ def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None
             'memory_gib': _memory_gib(compiled), 'device_peak_gib': _device_memory_gib('peak_bytes_in_use'),
             'device_limit_gib': _device_memory_gib('bytes_limit'), 'first_loss': first_loss,
             'device_kind': jax.devices()[0].device_kind, 'num_devices': devices,
-            'xla_flags': os.environ.get('XLA_FLAGS', ''), 'cpu_kernels': _cpu_kernels()}
+            'xla_flags': os.environ.get('XLA_FLAGS', ''), 'cpu_kernels': _cpu_kernels(step)}
 
 
-def _cpu_kernels() -> str | None:
+def _cpu_kernels(step: str) -> str | None:
     """On CPU, whose conv kernels the step ran: 'oneDNN', or 'XLA: <why not oneDNN>'."""
     if jax.default_backend() != 'cpu':
         return None
     if onednn.applies():
-        return 'oneDNN'
+        return 'oneDNN' if step == 'train' else 'XLA: undifferentiated convs are XLA\'s (docs/performance.md)'
     return 'XLA: ' + (onednn.why_not() or f'{jax.device_count()} devices (oneDNN runs with one)')
 
 
@@ -268,8 +278,8 @@ def largest_batch(config, limit_gib: float | None = None, granularity: int = 32)
             'images_per_sec': timed['images_per_sec'], 'compiles': len(sizes), 'device_kind': timed['device_kind']}
 
 
-def _torch_row(name: str, config, compile: bool, steps: int, warmup: int, seed: int) -> dict:
-    """PyTorch's numbers for the same model, batch and precision, on the same first batch."""
+def _torch_row(name: str, config, compile: bool, steps: int, warmup: int, seed: int, step: str) -> dict:
+    """PyTorch's numbers for the same model, batch, precision and step, on the same first batch."""
     import torch
 
     from resnet_jax.pytorch import bench as bench_torch
@@ -280,7 +290,7 @@ def _torch_row(name: str, config, compile: bool, steps: int, warmup: int, seed: 
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     return bench_torch.measure(model, np.asarray(ds.images[:config.batch_size]),
                                np.asarray(ds.labels[:config.batch_size]), mean, std, dtype=config.model.dtype,
-                               compile=compile, steps=steps, warmup=warmup, device=device)
+                               compile=compile, steps=steps, warmup=warmup, device=device, train=step == 'train')
 
 
 def _torch_weights(name: str, num_classes: int, seed: int) -> dict:
@@ -307,13 +317,14 @@ def measure_row(spec: dict, args: dict) -> dict:
     weights = None
     if args['vs_torch']:
         weights = _in_fresh_process(_torch_weights, spec['model'], config.model.num_classes, 0)
-    row.update(_in_fresh_process(measure_jax, config, args['steps'], args['warmup'], args['window'], weights))
-    row['projected_minutes'] = args['projected_steps'] * row['step_ms_median'] / 6e4
+    row.update(_in_fresh_process(measure_jax, config, args['steps'], args['warmup'], args['window'], weights,
+                                 spec['step']))
+    row['projected_minutes'] = args['projected_steps'] * row['step_ms_median'] / 6e4 if spec['step'] == 'train' else None
     if args['vs_torch']:
         modes = ('eager', 'compile') if args['torch_compile'] else ('eager',)
         for mode in modes:
             t = _in_fresh_process(_torch_row, spec['model'], config, mode == 'compile', args['steps'],
-                                  args['warmup'], 0)
+                                  args['warmup'], 0, spec['step'])
             row[f'torch_{mode}'] = t
             row[f'ratio_vs_torch_{mode}'] = row['images_per_sec'] / t['images_per_sec']
     return row
@@ -333,7 +344,7 @@ def table(rows: list[dict]) -> str:
                          f"| {r['max_batch']} | {_fmt(r['memory_gib'], '.2f')} ({_fmt(r['device_limit_gib'], '.2f')}) "
                          f"| {_fmt(r.get('images_per_sec'))} | {r['compiles']} |")
         return '\n'.join(lines)
-    head = ('| model | batch | dtype | source | remat | device | img/s | img/s/device | step ms (p10-p90) | '
+    head = ('| model | batch | dtype | source | step | remat | device | img/s | img/s/device | step ms (p10-p90) | '
             'compile s | MFU | memory GiB | torch eager img/s | torch compile img/s | ratio eager | ratio compile '
             '| first loss (ours / torch) | projected min |')
     lines = [head, '|' + '---|' * (head.count('|') - 1)]
@@ -341,7 +352,7 @@ def table(rows: list[dict]) -> str:
         eager, compiled = r.get('torch_eager') or {}, r.get('torch_compile') or {}
         torch_loss = eager.get('first_loss')
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['source']} | {r['remat']} | {r['device_kind']} x{r['num_devices']}"
+            f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['source']} | {r['step']} | {r['remat']} | {r['device_kind']} x{r['num_devices']}"
             f"{' (oneDNN)' if r.get('cpu_kernels') == 'oneDNN' else ''} | {_fmt(r['images_per_sec'])} | {_fmt(r['images_per_sec_per_device'])} "
             f"| {r['step_ms_median']:.2f} ({r['step_ms_p10']:.2f}-{r['step_ms_p90']:.2f}) | {r['compile_seconds']:.1f} "
             f"| {_fmt(r['mfu'], '.1%')} | {_fmt(r['memory_gib'], '.2f')} "

@@ -216,8 +216,10 @@ ffi::Error NormBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::
                         ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dshift, float epsilon) {
   return run_norm_backward(x, epsilon,
                   {{DNNL_ARG_SRC, x.typed_data()}, {DNNL_ARG_DIFF_DST, dy.typed_data()},
-                   // oneDNN 2.x also asks for the shift, which the gradient does not depend on
-                   {DNNL_ARG_SCALE, scale.typed_data()}, {DNNL_ARG_SHIFT, scale.typed_data()},
+                   {DNNL_ARG_SCALE, scale.typed_data()},
+#if DNNL_VERSION_MAJOR < 3  // 2.x also asks for the shift, which the gradient does not depend on
+                   {DNNL_ARG_SHIFT, scale.typed_data()},
+#endif
                    {DNNL_ARG_MEAN, mean.typed_data()},
                    {DNNL_ARG_VARIANCE, var.typed_data()}, {DNNL_ARG_DIFF_SRC, dx->typed_data()},
                    {DNNL_ARG_DIFF_SCALE, dscale->typed_data()}, {DNNL_ARG_DIFF_SHIFT, dshift->typed_data()}});

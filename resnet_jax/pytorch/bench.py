@@ -74,8 +74,9 @@ def _source_of(model: nn.Module) -> str:
 
 def measure(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean: Sequence[float],
             std: Sequence[float], *, dtype: str, compile: bool, steps: int, warmup: int,
-            device: str) -> dict:
-    """Train a copy of `model` for `warmup` (>= 1) untimed then `steps` timed steps on one batch.
+            device: str, train: bool = True) -> dict:
+    """Train a copy of `model` for `warmup` (>= 1) untimed then `steps` timed steps on one batch; with
+    train=False, evaluate it instead (eval-mode BatchNorm, no gradients).
 
     images: uint8 NHWC, labels: integer class ids; mean/std: per channel, for images in [0, 1].
     The copy keeps `model` untouched, so eager and compiled runs start from the same weights.
@@ -99,7 +100,7 @@ def measure(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean: Sequ
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
 
-    net = copy.deepcopy(model).to(dev, memory_format=torch.channels_last).train()
+    net = copy.deepcopy(model).to(dev, memory_format=torch.channels_last).train(train)
 
     def per_channel(values: Sequence[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
@@ -119,10 +120,18 @@ def measure(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean: Sequ
         optimizer.step()
         return loss.detach()
 
+    @torch.inference_mode()
+    def eval_step() -> torch.Tensor:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
+            logits = forward(x)
+        return F.cross_entropy(logits.float(), y)
+
+    step = train_step if train else eval_step
+
     start = time.perf_counter()
-    first_loss = train_step()
+    first_loss = step()
     for _ in range(warmup - 1):
-        train_step()
+        step()
     if cuda:
         torch.cuda.synchronize(dev)
     warmup_seconds = time.perf_counter() - start
@@ -132,7 +141,7 @@ def measure(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean: Sequ
                   for _ in range(steps)]
         for begin, end in events:
             begin.record()
-            train_step()
+            step()
             end.record()
         torch.cuda.synchronize(dev)
         step_ms = np.array([begin.elapsed_time(end) for begin, end in events])
@@ -140,7 +149,7 @@ def measure(model: nn.Module, images: np.ndarray, labels: np.ndarray, mean: Sequ
         step_ms = np.empty(steps)
         for i in range(steps):
             start = time.perf_counter()
-            train_step()
+            step()
             step_ms[i] = (time.perf_counter() - start) * 1e3
 
     p10, median, p90 = np.percentile(step_ms, [10, 50, 90])

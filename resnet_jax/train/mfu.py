@@ -21,14 +21,15 @@ def peak_flops_per_device(config) -> float | None:
     return next((tflops * 1e12 for name, tflops in PEAK_TFLOPS.items() if name in kind), None)
 
 
-def model_flops(model, image_size: int, batch_size: int) -> float:
-    """Model FLOPs of one training step: 6 x MACs x batch (forward 2, backward 4 per MAC).
+def model_flops(model, image_size: int, batch_size: int, train: bool = True) -> float:
+    """Model FLOPs of one training step: 6 x MACs x batch (forward 2, backward 4 per MAC); of an
+    evaluation step (train=False): 2 x MACs x batch.
 
     Counted from the architecture rather than taken from XLA's cost analysis, which on GPUs
     counts the convolutions handed to cuDNN as zero, and which would count rematerialised
     work as useful: MFU compares the model's FLOPs with the device's peak.
     """
-    return 6.0 * count_macs(model, image_size) * batch_size
+    return (6.0 if train else 2.0) * count_macs(model, image_size) * batch_size
 
 
 def mfu(flops_per_step: float, step_seconds: float, peak: float | None) -> float | None:
