@@ -32,7 +32,8 @@ def init_variables(model, x, seed=0):
 def sown(model, variables, x, train=False, rngs=None):
     """Run `model` and return (output, intermediates collection)."""
     mutable = ['intermediates', 'batch_stats'] if train else ['intermediates']
-    out, state = model.apply(variables, x, train=train, rngs=rngs, mutable=mutable)
+    # jitted: op-by-op, a ResNet on a large batch takes a minute to dispatch
+    out, state = jax.jit(functools.partial(model.apply, train=train, mutable=mutable))(variables, x, rngs=rngs)
     return out, state['intermediates']
 
 

@@ -138,7 +138,7 @@ def test_looped_computes_what_vmap_computes():
 @pytest.mark.parametrize('shape,ties', [((2, 9, 9, 3), False), ((2, 8, 8, 3), False), ((2, 7, 6, 4), True),
                                         ((1, 1, 1, 2), False)])
 def test_cpu_max_pool_matches_flax(shape, ties):
-    """The stems' max pool on CPU (resnet._max_pool_3x3_2d): nn.max_pool's values exactly, and its
+    """The stems' max pool on CPU (cpu_conv.max_pool_3x3_2d): nn.max_pool's values exactly, and its
     gradient, which goes to the first maximum of each window in row-major order: exactly so where
     inputs tie (small integers), to rounding where overlapping windows' gradients add up in another order."""
     from flax import linen as nn

@@ -111,7 +111,7 @@ def test_model_uses_onednn_and_matches_the_xla_model(monkeypatch):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), ours, reference)
 
 
-def test_ghost_batch_norm_keeps_xla(monkeypatch):
+def test_ghost_batch_norm_keeps_xla():
     groups = images((2, 3, 4, 4, 8))
     assert not resnet.norm_by_onednn(groups)
     assert resnet.norm_by_onednn(groups[:1])
@@ -156,8 +156,9 @@ def test_choices_and_refusals(tmp_path):
     assert 'compiling onednn_ops.cc failed' in broken.stderr
 
 
-ALLOCATOR = ('import os, sys; {before}from resnet_jax import allocator\n'
-             'print(allocator.keep_freed_memory(), {{k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}})')
+ALLOCATOR = ('import json, os, sys; {before}from resnet_jax import allocator\n'
+             'print(json.dumps([allocator.keep_freed_memory(), '
+             '{{k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}]))')
 
 
 @pytest.mark.parametrize('case', ['applies', 'user_set', 'jax_first', 'accelerator'])
@@ -172,13 +173,12 @@ def test_allocator_settings(case):
     clean = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}
     done = subprocess.run([sys.executable, '-c', ALLOCATOR.format(before=before)], capture_output=True, text=True,
                           cwd=REPO, env={**clean, 'JAX_PLATFORMS': 'cpu', **env}, timeout=120)
-    applied, variables = done.stdout.split(' ', 1)
-    variables = json.loads(variables.replace("'", '"'))
+    applied, variables = json.loads(done.stdout)
     if case == 'applies':
-        assert applied == 'True'
+        assert applied is True
         assert variables == {'MALLOC_ARENA_MAX': '1', 'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2**31 - 1)}
     else:
-        assert applied == 'False'
+        assert applied is False
         assert variables == ({'MALLOC_ARENA_MAX': '4'} if case == 'user_set' else {})
 
 

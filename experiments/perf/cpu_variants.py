@@ -44,7 +44,7 @@ _dnnl_conv = cpu_conv._dnnl_conv
 
 VARIANTS = {
     'base': lambda: contextlib.nullcontext(),
-    'pool_xla': lambda: _patched(resnet, _max_pool_3x3_2d=lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1)] * 2)),
+    'pool_xla': lambda: _patched(cpu_conv, max_pool_3x3_2d=lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1)] * 2)),
     'norm_xla': lambda: _patched(resnet, norm_by_onednn=lambda groups: False),
     'no_onednn': lambda: _patched(cpu_conv, uses_onednn=lambda padding: False),
     'onednn_mat': lambda: _patched(cpu_conv, _dnnl_conv=lambda x, k, *conf: _dnnl_conv(_materialized(x), k, *conf)),

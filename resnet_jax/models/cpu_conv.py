@@ -1,6 +1,6 @@
 """The convolution the models run on CPU: oneDNN's where it is in use (models/onednn.py; a
 differentiated conv, one device per process), otherwise XLA's own conv with its slow cases routed
-elsewhere.
+elsewhere; and the stems' max pool on CPU (`max_pool_3x3_2d`).
 
 Three things make XLA's CPU backend slow at a ResNet's training step (measured in
 experiments/perf/CPU_NOTES.md):
@@ -42,17 +42,23 @@ from resnet_jax.models import onednn
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
+def strided_views(padded, kernel_size, strides, dilation):
+    """(views, (Ho, Wo)): the kh*kw strided views of padded NHWC input that a window reads, in the
+    window's row-major order, each (N, Ho, Wo, C)."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation
+    ho = (padded.shape[1] - dh * (kh - 1) - 1) // sh + 1
+    wo = (padded.shape[2] - dw * (kw - 1) - 1) // sw + 1
+    views = [padded[:, i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw, :]
+             for i in range(kh) for j in range(kw)]
+    return views, (ho, wo)
+
+
 def patches(x, kernel_size, strides, padding, dilation):
     """im2col: (N, Ho, Wo, kh*kw*C) with the last axis ordered (kh, kw, C) like an HWIO kernel.
 
     Built from strided slices of the padded input, which XLA fuses into one copy (its own
     conv_general_dilated_patches is a conv with an identity kernel, far slower on CPU)."""
-    (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation
-    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    ho = (xp.shape[1] - dh * (kh - 1) - 1) // sh + 1
-    wo = (xp.shape[2] - dw * (kw - 1) - 1) // sw + 1
-    cols = [xp[:, i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw, :]
-            for i in range(kh) for j in range(kw)]
+    cols, _ = strided_views(jnp.pad(x, ((0, 0), *padding, (0, 0))), kernel_size, strides, dilation)
     return jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
 
 
@@ -231,3 +237,43 @@ def uses_onednn(padding) -> bool:
     """Whether a CPU-path conv calls oneDNN: where the models use it (onednn.applies), and no padding
     is negative."""
     return all(p >= 0 for pair in padding for p in pair) and onednn.applies()
+
+
+def _pool_views(x):
+    """The 9 strided views of -inf-padded NHWC x that a 3x3/2 window with padding 1 reads, and the
+    output's spatial size."""
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return strided_views(padded, (3, 3), (2, 2), (1, 1))
+
+
+@jax.custom_vjp
+def max_pool_3x3_2d(x):
+    """`nn.max_pool` 3x3/2 with padding 1 on CPU, as elementwise maxima of strided views; its gradient
+    goes, like XLA's select-and-scatter, to the first maximum of each window in row-major order.
+    XLA:CPU expands that select-and-scatter into a reduce-window over four index arrays and a
+    scatter: 10% of a ResNet-50 step at 64x64 (experiments/perf/CPU_NOTES.md, entry 22)."""
+    views, _ = _pool_views(x)
+    return functools.reduce(jnp.maximum, views)
+
+
+def _max_pool_fwd(x):
+    y = max_pool_3x3_2d(x)
+    return y, (x, y)
+
+
+def _max_pool_bwd(residuals, g):
+    x, y = residuals
+    views, (h, w) = _pool_views(x)
+    taken = jnp.zeros(y.shape, bool)
+    dx = jnp.zeros((x.shape[0], x.shape[1] + 2, x.shape[2] + 2, x.shape[3]), g.dtype)
+    for k, view in enumerate(views):
+        first = (view == y) & ~taken
+        taken = taken | first
+        i, j = divmod(k, 3)
+        # back onto the padded grid: view (a, b) is padded (i + 2a, j + 2b)
+        spread = ((0, 0, 0), (i, dx.shape[1] - i - 2 * h + 1, 1), (j, dx.shape[2] - j - 2 * w + 1, 1), (0, 0, 0))
+        dx = dx + lax.pad(jnp.where(first, g, 0.0), jnp.zeros((), g.dtype), spread)
+    return (dx[:, 1:-1, 1:-1],)
+
+
+max_pool_3x3_2d.defvjp(_max_pool_fwd, _max_pool_bwd)

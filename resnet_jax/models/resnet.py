@@ -95,6 +95,8 @@ def batch_norm_onednn_grad(groups, scale, bias, epsilon):
 
 def _batch_norm_fwd(groups, scale, bias, epsilon):
     groups, scale, bias = groups.value, scale.value, bias.value  # symbolic_zeros=True wraps the primals
+    if groups.shape[0] != 1:  # the backward computes one set of statistics (norm_by_onednn checks this)
+        raise ValueError(f'batch_norm_onednn_grad takes one BatchNorm group, got {groups.shape[0]}')
     y, mean, var = batch_norm_train(groups, scale, bias, epsilon)
     return (y, mean, var), (groups, scale, mean, var)
 
@@ -196,49 +198,8 @@ def max_pool_3x3(x):
     """The ImageNet stems' 3x3/2 max pool with padding 1 over every spatial axis (torchvision's)."""
     dims = x.ndim - 2
     if dims == 2 and x.dtype == jnp.float32 and jax.default_backend() == 'cpu':
-        return _max_pool_3x3_2d(x)
+        return cpu_conv.max_pool_3x3_2d(x)
     return nn.max_pool(x, (3,) * dims, (2,) * dims, padding=[(1, 1)] * dims)
-
-
-def _pool_windows(x):
-    """The 9 strided views of -inf-padded NHWC x that a 3x3/2 window with padding 1 reads, in the
-    window's row-major order, and the output's spatial size."""
-    h, w = ((n + 2 - 3) // 2 + 1 for n in x.shape[1:3])
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    return [padded[:, i:i + 2 * h - 1:2, j:j + 2 * w - 1:2] for i in range(3) for j in range(3)], (h, w)
-
-
-@jax.custom_vjp
-def _max_pool_3x3_2d(x):
-    """`nn.max_pool` 3x3/2 with padding 1 on CPU, as elementwise maxima of strided views; its gradient
-    goes, like XLA's select-and-scatter, to the first maximum of each window in row-major order.
-    XLA:CPU expands that select-and-scatter into a reduce-window over four index arrays and a
-    scatter: 10% of a ResNet-50 step at 64x64 (experiments/perf/CPU_NOTES.md, entry 22)."""
-    views, _ = _pool_windows(x)
-    return functools.reduce(jnp.maximum, views)
-
-
-def _max_pool_fwd(x):
-    y = _max_pool_3x3_2d(x)
-    return y, (x, y)
-
-
-def _max_pool_bwd(residuals, g):
-    x, y = residuals
-    views, (h, w) = _pool_windows(x)
-    taken = jnp.zeros(y.shape, bool)
-    dx = jnp.zeros((x.shape[0], x.shape[1] + 2, x.shape[2] + 2, x.shape[3]), g.dtype)
-    for k, view in enumerate(views):
-        first = (view == y) & ~taken
-        taken = taken | first
-        i, j = divmod(k, 3)
-        # back onto the padded grid: view (a, b) is padded (i + 2a, j + 2b)
-        spread = ((0, 0, 0), (i, dx.shape[1] - i - 2 * h + 1, 1), (j, dx.shape[2] - j - 2 * w + 1, 1), (0, 0, 0))
-        dx = dx + jax.lax.pad(jnp.where(first, g, 0.0), jnp.zeros((), g.dtype), spread)
-    return (dx[:, 1:-1, 1:-1],)
-
-
-_max_pool_3x3_2d.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def avg_pool_2x2(x, stride: int = 2, dilation: int = 1, dilated_pool: str = 'timm'):
