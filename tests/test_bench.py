@@ -11,6 +11,7 @@ import json
 import pytest
 from test_train import run_module
 
+from resnet_jax.bench import measure
 from resnet_jax.models import get_model
 from resnet_jax.models.summary import count_macs
 
@@ -52,6 +53,33 @@ def test_same_first_loss_as_pytorch_and_consistent_columns(tmp_path):
     assert lines[-1].startswith('| resnet20 | 8 | float32 | synthetic | eval |')
 
 
+def test_repeated_rows_alternate_the_frameworks_and_pair_their_ratios(monkeypatch):
+    """--repeat=3: ours and PyTorch's measurements alternate, each ratio pairs the two runs made one
+    after the other, and the row keeps the median runs and the median ratio (fake timings)."""
+    ours, theirs, calls = iter([100.0, 50.0, 80.0]), iter([100.0, 40.0, 100.0]), []
+
+    def fresh(fn, *args):
+        calls.append(fn.__name__)
+        if fn is measure._torch_weights:
+            return None
+        speed = next(ours if fn is measure.measure_jax else theirs)
+        return {'images_per_sec': speed, 'step_ms_median': 1e3 / speed}
+
+    monkeypatch.setattr(measure, '_in_fresh_process', fresh)
+    spec = dict(model='resnet20', batch=8, dtype='float32', source='synthetic', step='train', remat=False)
+    args = dict(image_size=16, num_examples=8, dataset='synthetic', peak_tflops=None, max_batch=False,
+                vs_torch=True, torch_compile=False, repeat=3, steps=1, warmup=1, window=1, projected_steps=10)
+    row = measure.measure_row(spec, args)
+    assert calls == ['_torch_weights'] + ['measure_jax', '_torch_row'] * 3
+    assert row['ratio_vs_torch_eager_all'] == [1.0, 1.25, 0.8] and row['ratio_vs_torch_eager'] == 1.0
+    assert row['images_per_sec'] == 80.0 and row['torch_eager']['images_per_sec'] == 100.0
+    assert row['images_per_sec_all'] == [100.0, 50.0, 80.0] and row['repeats'] == 3
+    assert '| 1.00 (0.80-1.25) |' in measure.table([dict(row, device_kind='cpu', num_devices=1,
+                                                             images_per_sec_per_device=80.0, step_ms_p10=1.0,
+                                                             step_ms_p90=2.0, compile_seconds=1.0, mfu=None,
+                                                             memory_gib=None, first_loss=None)])
+
+
 @pytest.mark.slow
 def test_every_source(tmp_path):
     _, rows = bench(tmp_path, '--batch_size=16', '--source=synthetic,device,host', '--num_examples=64')
@@ -74,6 +102,7 @@ def test_largest_batch_brackets_the_memory_limit(tmp_path):
     (['--source=disk'], "--source: 'disk' is not one of synthetic, device, host"),
     (['--batch_size=8,x'], '--batch_size: 8,x must be comma-separated integers'),
     (['--step=predict'], "--step: 'predict' is not one of train, eval"),
+    (['--repeat=0'], '--batch_size, --steps, --warmup, --window and --repeat must be positive'),
     (['--step=eval', '--source=host'], '--step=eval times the evaluation step on one fixed batch'),
     (['--vs_torch', '--source=device'], '--vs_torch measures the step alone: use --source=synthetic'),
     (['--json=/nonexistent/rows.json'], '--json=/nonexistent/rows.json: its directory does not exist'),

@@ -48,6 +48,8 @@ flags.DEFINE_integer('num_examples', 50_000, "size of the random dataset of the 
 # The PyTorch comparison.
 flags.DEFINE_bool('vs_torch', False, 'also time the same model, batch and precision in PyTorch (eager and compiled)')
 flags.DEFINE_bool('torch_compile', True, 'with --vs_torch, include torch.compile')
+flags.DEFINE_integer('repeat', 1, 'measure each row this many times, ours and PyTorch\'s alternating; the row gives the '
+                     'median runs and the median and range of the paired ratios')
 
 # How long to time, and the columns computed from the step time.
 flags.DEFINE_integer('steps', 60, 'timed steps after warm-up')
@@ -80,8 +82,8 @@ def _parse_rows() -> list[dict]:
         batches = [int(b) for b in FLAGS.batch_size]
     except ValueError:
         raise BenchError(f'--batch_size: {",".join(FLAGS.batch_size)} must be comma-separated integers') from None
-    if min(batches) < 1 or min(FLAGS.steps, FLAGS.warmup, FLAGS.window) < 1:
-        raise BenchError('--batch_size, --steps, --warmup and --window must be positive')
+    if min(batches) < 1 or min(FLAGS.steps, FLAGS.warmup, FLAGS.window, FLAGS.repeat) < 1:
+        raise BenchError('--batch_size, --steps, --warmup, --window and --repeat must be positive')
     for flag in ('vs_torch', 'max_batch', 'population'):
         if FLAGS[flag].value and set(FLAGS.source) != {'synthetic'}:
             raise BenchError(f'--{flag} measures the step alone: use --source=synthetic')
@@ -101,7 +103,7 @@ def main(argv):
     if FLAGS.json and not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.json))):  # before measuring
         raise BenchError(f'--json={FLAGS.json}: its directory does not exist')
     args = {k: FLAGS[k].value for k in ('image_size', 'num_examples', 'dataset', 'peak_tflops', 'max_batch', 'memory_limit_gib',
-                                         'vs_torch', 'torch_compile', 'steps', 'warmup', 'window',
+                                         'vs_torch', 'torch_compile', 'repeat', 'steps', 'warmup', 'window',
                                          'projected_steps')}
     if FLAGS.population:
         sizes = _population_sizes()

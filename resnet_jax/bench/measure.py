@@ -305,9 +305,16 @@ def _in_fresh_process(fn, *args):
         return pool.submit(fn, *args).result()
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median images/s (the lower middle one of an even number)."""
+    return sorted(runs, key=lambda r: r['images_per_sec'])[(len(runs) - 1) // 2]
+
+
 def measure_row(spec: dict, args: dict) -> dict:
     """One table row: our step (or the largest batch that fits) and, with vs_torch, PyTorch's, each
-    measured in a fresh process."""
+    measured in a fresh process. With repeat > 1 the measurements run that many times, ours and
+    PyTorch's alternating, so that each ratio compares two runs minutes apart at most: the row gives
+    the median runs, the median of the paired ratios, and every run's images/s and ratio ('*_all')."""
     config = _config(spec['model'], spec['batch'], spec['dtype'], spec['source'], spec['remat'],
                      args['image_size'], args['num_examples'], args['dataset'], args['peak_tflops'])
     row = dict(spec, image_size=config.data.image_size)
@@ -317,21 +324,33 @@ def measure_row(spec: dict, args: dict) -> dict:
     weights = None
     if args['vs_torch']:
         weights = _in_fresh_process(_torch_weights, spec['model'], config.model.num_classes, 0)
-    row.update(_in_fresh_process(measure_jax, config, args['steps'], args['warmup'], args['window'], weights,
-                                 spec['step']))
-    row['projected_minutes'] = args['projected_steps'] * row['step_ms_median'] / 6e4 if spec['step'] == 'train' else None
-    if args['vs_torch']:
-        modes = ('eager', 'compile') if args['torch_compile'] else ('eager',)
+    modes = (('eager', 'compile') if args['torch_compile'] else ('eager',)) if args['vs_torch'] else ()
+    ours, theirs = [], {mode: [] for mode in modes}
+    for _ in range(args['repeat']):
+        ours.append(_in_fresh_process(measure_jax, config, args['steps'], args['warmup'], args['window'], weights,
+                                      spec['step']))
         for mode in modes:
-            t = _in_fresh_process(_torch_row, spec['model'], config, mode == 'compile', args['steps'],
-                                  args['warmup'], 0, spec['step'])
-            row[f'torch_{mode}'] = t
-            row[f'ratio_vs_torch_{mode}'] = row['images_per_sec'] / t['images_per_sec']
+            theirs[mode].append(_in_fresh_process(_torch_row, spec['model'], config, mode == 'compile', args['steps'],
+                                                  args['warmup'], 0, spec['step']))
+    row.update(_median_run(ours), repeats=args['repeat'], images_per_sec_all=[r['images_per_sec'] for r in ours])
+    row['projected_minutes'] = args['projected_steps'] * row['step_ms_median'] / 6e4 if spec['step'] == 'train' else None
+    for mode, runs in theirs.items():
+        ratios = [a['images_per_sec'] / b['images_per_sec'] for a, b in zip(ours, runs)]
+        row[f'torch_{mode}'] = _median_run(runs)
+        row[f'ratio_vs_torch_{mode}'] = statistics.median(ratios)
+        row[f'ratio_vs_torch_{mode}_all'] = ratios
     return row
 
 
 def _fmt(value, spec: str = '.0f') -> str:
     return '-' if value is None else format(value, spec)
+
+
+def _ratio(row: dict, mode: str) -> str:
+    """A ratio column: the ratio, and with repeated measurements the range of the paired ratios."""
+    ratios = row.get(f'ratio_vs_torch_{mode}_all') or []
+    spread = f' ({min(ratios):.2f}-{max(ratios):.2f})' if len(ratios) > 1 else ''
+    return _fmt(row.get(f'ratio_vs_torch_{mode}'), '.2f') + spread
 
 
 def table(rows: list[dict]) -> str:
@@ -357,6 +376,6 @@ def table(rows: list[dict]) -> str:
             f"| {r['step_ms_median']:.2f} ({r['step_ms_p10']:.2f}-{r['step_ms_p90']:.2f}) | {r['compile_seconds']:.1f} "
             f"| {_fmt(r['mfu'], '.1%')} | {_fmt(r['memory_gib'], '.2f')} "
             f"| {_fmt(eager.get('images_per_sec'))} | {_fmt(compiled.get('images_per_sec'))} "
-            f"| {_fmt(r.get('ratio_vs_torch_eager'), '.2f')} | {_fmt(r.get('ratio_vs_torch_compile'), '.2f')} "
+            f"| {_ratio(r, 'eager')} | {_ratio(r, 'compile')} "
             f"| {_fmt(r['first_loss'], '.4f')} / {_fmt(torch_loss, '.4f')} | {_fmt(r['projected_minutes'], '.1f')} |")
     return '\n'.join(lines)
