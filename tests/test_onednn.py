@@ -90,6 +90,36 @@ def test_batch_norm_gradient_matches_autodiff():
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
+def test_eval_step_runs_onednn_forward_convs_and_a_bare_apply_xlas():
+    """The evaluation step (train.step.eval_step, what `evaluate` and the training loop run) traces its
+    convs inside cpu_conv.onednn_forward, so they are oneDNN's; model.apply alone keeps XLA's convs. Both
+    give the same loss and accuracy sums, and logits that agree to float32 rounding."""
+    from resnet_jax.train.state import TrainState
+    from resnet_jax.train.step import eval_step
+
+    model = ResNet(num_classes=5, stage_sizes=(1, 1, 1), widths=(8, 16, 16), stem='cifar', stem_width=8)
+    x = images((6, 8, 8, 3))
+    variables = model.init(jax.random.key(0), x)
+    state = TrainState(step=0, params=variables['params'], batch_stats=variables['batch_stats'], opt_state=None,
+                       ema_params=None)
+    batch = {'image': np.asarray(jax.random.randint(jax.random.key(1), (6, 8, 8, 3), 0, 256), np.uint8),
+             'label': np.arange(6) % 5, 'mask': np.ones(6, np.float32)}
+    step = jax.jit(lambda s, b: eval_step(s, b, model=model, mean=(0.5,) * 3, std=(0.25,) * 3))
+    hlo = step.lower(state, batch).as_text()
+    assert 'resnet_jax_onednn_conv_forward' in hlo and 'convolution(' not in hlo
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    assert 'resnet_jax_onednn' not in apply.lower(variables, x).as_text()
+    with cpu_conv.onednn_forward():
+        assert 'resnet_jax_onednn_conv_forward' in jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+            variables, x).as_text()
+    sums = step(state, batch)
+    normalized = (batch['image'] / 255.0 - 0.5) / 0.25
+    logits = apply(variables, normalized)
+    want = -jax.nn.log_softmax(logits)[np.arange(6), batch['label']].sum()
+    np.testing.assert_allclose(sums['loss'], want, rtol=1e-5)
+    assert float(sums['count']) == 6
+
+
 def test_model_uses_onednn_and_matches_the_xla_model(monkeypatch):
     """A small ResNet (strided blocks, projection shortcut, 1x1 final map): loss, gradients and the new
     BatchNorm statistics with oneDNN as with XLA's ops."""

@@ -144,15 +144,15 @@ def measure_jax(config, steps: int, warmup: int, window: int, torch_weights=None
             'memory_gib': _memory_gib(compiled), 'device_peak_gib': _device_memory_gib('peak_bytes_in_use'),
             'device_limit_gib': _device_memory_gib('bytes_limit'), 'first_loss': first_loss,
             'device_kind': jax.devices()[0].device_kind, 'num_devices': devices,
-            'xla_flags': os.environ.get('XLA_FLAGS', ''), 'cpu_kernels': _cpu_kernels(step)}
+            'xla_flags': os.environ.get('XLA_FLAGS', ''), 'cpu_kernels': _cpu_kernels()}
 
 
-def _cpu_kernels(step: str) -> str | None:
+def _cpu_kernels() -> str | None:
     """On CPU, whose conv kernels the step ran: 'oneDNN', or 'XLA: <why not oneDNN>'."""
     if jax.default_backend() != 'cpu':
         return None
     if onednn.applies():
-        return 'oneDNN' if step == 'train' else 'XLA: undifferentiated convs are XLA\'s (docs/performance.md)'
+        return 'oneDNN'
     return 'XLA: ' + (onednn.why_not() or f'{jax.device_count()} devices (oneDNN runs with one)')
 
 

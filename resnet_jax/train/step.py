@@ -18,6 +18,7 @@ import optax
 from resnet_jax import sharding
 from resnet_jax.data import augment
 from resnet_jax.data import feed as feed_lib
+from resnet_jax.models import cpu_conv
 from resnet_jax.train import finetune
 from resnet_jax.train.state import TrainState
 
@@ -113,8 +114,9 @@ def eval_step(state: TrainState, batch, use_ema: bool = False, *, model, mean, s
     """Sums over the real examples of a batch; padding rows carry mask 0 and count for nothing. member: a
     population member's model values (see `train_step`)."""
     params = state.ema_params if use_ema else state.params
-    logits = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                         augment.normalize(batch['image'], mean, std), train=False, member=member)
+    with cpu_conv.onednn_forward():  # on CPU, oneDNN's forward convs: PyTorch's rounding at its speed
+        logits = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                             augment.normalize(batch['image'], mean, std), train=False, member=member)
     return eval_sums(logits, batch['label'], batch['mask'], model.num_classes)
 
 
