@@ -66,9 +66,11 @@ def test_repeated_rows_alternate_the_frameworks_and_pair_their_ratios(monkeypatc
         return {'images_per_sec': speed, 'step_ms_median': 1e3 / speed}
 
     monkeypatch.setattr(measure, '_in_fresh_process', fresh)
-    spec = dict(model='resnet20', batch=8, dtype='float32', source='synthetic', step='train', remat=False)
-    args = dict(image_size=16, num_examples=8, dataset='synthetic', peak_tflops=None, max_batch=False,
-                vs_torch=True, torch_compile=False, repeat=3, steps=1, warmup=1, window=1, projected_steps=10)
+    spec = {'model': 'resnet20', 'batch': 8, 'dtype': 'float32', 'source': 'synthetic', 'step': 'train',
+            'remat': False}
+    args = {'image_size': 16, 'num_examples': 8, 'dataset': 'synthetic', 'peak_tflops': None, 'max_batch': False,
+            'vs_torch': True, 'torch_compile': False, 'repeat': 3, 'steps': 1, 'warmup': 1, 'window': 1,
+            'projected_steps': 10}
     row = measure.measure_row(spec, args)
     assert calls == ['_torch_weights'] + ['measure_jax', '_torch_row'] * 3
     assert row['ratio_vs_torch_eager_all'] == [1.0, 1.25, 0.8] and row['ratio_vs_torch_eager'] == 1.0
