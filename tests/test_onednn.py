@@ -2,14 +2,17 @@
 differentiation for the conv, in the whole model, and chosen or refused as RESNET_JAX_CPU_CONV says.
 The test machines have oneDNN (`.ci/run` installs libdnnl-dev), so these tests require it."""
 
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax import lax
 
@@ -234,3 +237,83 @@ def test_allocator_settings_keep_the_step_memory():
         faults[name] = int(done.stdout)
     assert faults['default'] > 10 * 12000 * 1000 * 4 // 4096 * 0.9, faults  # sin(x), 11,700 pages per call
     assert faults['kept'] < 0.5 * faults['default'], faults  # 2-3 alone; on a loaded machine 1-2 calls' worth
+
+
+def _optax_update(optimizer, params, opt_state, grads, finite):
+    """The train step's update without the CPU's in-place pass: optax's, kept as it was where not finite."""
+    updates, new_state = optimizer.update(grads, opt_state, params)
+    return jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                  (optax.apply_updates(params, updates), new_state), (params, opt_state))
+
+
+@pytest.mark.parametrize('nesterov,weight_decay,decay_exclude', [(False, 5e-4, ()), (True, 5e-4, ('.*head.*',)),
+                                                                  (False, 0.0, ())])
+def test_sgd_in_place_is_optaxs_update_to_the_bit(nesterov, weight_decay, decay_exclude):
+    """optim.sgd_in_place against make_optimizer's update of a real model's parameters (conv kernels
+    decayed, BatchNorm and biases not, a decay_exclude pattern, Nesterov, no decay) with momenta and a
+    warm-up lr that are not trivial: every parameter, momentum and the step count equal, also where the
+    gradient is not finite (nothing moves); one kernel call, and no copy of any parameter."""
+    from resnet_jax.train import optim
+    from tests.helpers import tiny_config
+    config = tiny_config(**{'optim.nesterov': nesterov, 'optim.weight_decay': weight_decay,
+                            'optim.decay_exclude': decay_exclude})
+    optimizer, schedule = optim.make_optimizer(config, 512), optim.lr_schedule(config, 512)
+    rule = optim.in_place_sgd(config, schedule)
+    assert rule is not None
+    params = resnet.ResNet(stage_sizes=(1, 1), widths=(8, 16), stem_width=8, num_classes=10).init(
+        jax.random.key(0), images((1, 8, 8, 3)))['params']
+    grads = jax.tree_util.tree_map(lambda p: images(p.shape, 3), params)
+    opt_state = optimizer.update(jax.tree_util.tree_map(lambda p: images(p.shape, 4), params),
+                                 optimizer.init(params), params)[1]  # momenta set, count 1 (mid warm-up)
+    ours = jax.jit(functools.partial(optim.sgd_in_place, rule))
+    reference = jax.jit(functools.partial(_optax_update, optimizer))
+    for finite in (True, False):
+        new, expected = ours(params, opt_state, grads, finite), reference(params, opt_state, grads, finite)
+        assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(expected)
+        for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(expected)):
+            np.testing.assert_array_equal(a, b)
+        assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(new),
+                                                            jax.tree_util.tree_leaves((params, opt_state)))) == finite
+    hlo = jax.jit(functools.partial(optim.sgd_in_place, rule), donate_argnums=(0, 1)).lower(
+        params, opt_state, grads, True).compile().as_text()
+    assert hlo.count('custom_call_target="resnet_jax_onednn_sgd_update"') == 1
+    assert not re.search(r'f32\[[0-9,]+\]\S* copy\(', hlo)  # the step count (s32[]) may be copied
+
+
+def test_in_place_sgd_only_for_plain_sgd(monkeypatch):
+    """Every other update rule keeps optax's update; so does a run where the kernels are off."""
+    from resnet_jax.train import optim
+    from tests.helpers import tiny_config
+    plain = [{}, {'optim.nesterov': True}, {'optim.decay_type': 'decoupled', 'optim.weight_decay': 0.0},
+             {'finetune.freeze_batch_stats': 'all'}]
+    other = [{'optim.name': 'adamw'}, {'optim.name': 'lars'}, {'optim.momentum': 0.0}, {'optim.grad_clip_norm': 1.0},
+             {'optim.decay_type': 'decoupled'}, {'finetune.freeze': ('params/stem_.*',)},
+             {'finetune.linear_probe': True}, {'finetune.layer_lr_decay': 0.5}]
+    rules = [optim.in_place_sgd(tiny_config(**o), optax.constant_schedule(0.1)) for o in plain + other]
+    assert [r is not None for r in rules] == [True] * len(plain) + [False] * len(other)
+    monkeypatch.setenv('RESNET_JAX_CPU_CONV', 'xla')
+    assert optim.sgd_in_place(rules[0], {'w': jnp.ones(3)}, None, {'w': jnp.ones(3)}, True) is None
+
+
+def test_train_step_with_the_in_place_update_is_the_optax_step():
+    """Three steps of a real run's compiled train step, with and without the in-place update: the same
+    state to the bit; the in-place one calls the kernel and copies no parameter."""
+    from resnet_jax import sharding
+    from resnet_jax.train import step as step_lib
+    from resnet_jax.train.run import Run
+    from tests.helpers import tiny_config
+    run = Run(tiny_config(**{'optim.nesterov': True}))
+    shapes = jax.eval_shape(run.init, jax.random.key(0))
+    plain = step_lib.compile_steps(run.model, run.optimizer, run.config, run.mesh, shapes, run.mean, run.std,
+                                   run.feed.to_batch)[0]
+    batch = sharding.global_batch({'image': run.train_data.images[:32], 'label': run.train_data.labels[:32]}, run.mesh)
+    states = []
+    for step in (run.train_step, plain):
+        state = run.initial_state()
+        for _ in range(3):
+            state, _ = step(state, batch, jax.random.key(0))
+        states.append(jax.tree_util.tree_leaves(jax.device_get(state)))
+    for a, b in zip(*states):
+        np.testing.assert_array_equal(a, b)
+    hlo = run.train_step.lower(run.initial_state(), batch, jax.random.key(0)).compile().as_text()
+    assert 'resnet_jax_onednn_sgd_update' in hlo

@@ -85,17 +85,19 @@ def main():
                                     'label': run.train_data.labels[:a.batch]}, run.mesh)
     rng = jax.random.key(0)
     compiled = run.train_step.lower(state, inputs, rng).compile()
-    times, convs = _trace(compiled, state, inputs, rng, a.steps), _convs(compiled.as_text())
+    hlo = compiled.as_text()
+    times, convs = _trace(compiled, state, inputs, rng, a.steps), _convs(hlo)
+    targets = dict(re.findall(r'%([\w.\-]+) = [^\n]*? custom-call\([^\n]*?custom_call_target="(\w+)"', hlo))
     kinds, counts, flops = collections.Counter(), collections.Counter(), collections.Counter()
     for name, us in times.items():
-        kind = convs[name][0] if name in convs else re.sub(r'\.\d+$', '', name)
+        kind = convs[name][0] if name in convs else targets.get(name, re.sub(r'\.\d+$', '', name))
         kinds[kind] += us
         counts[kind] += 1
         flops[kind] += convs[name][1] if name in convs else 0
     total = sum(kinds.values())
     print(f'{a.model}, batch {a.batch}, {a.size}x{a.size}: {total / 1e3:.1f} ms of op time per step')
     print('| kind of op | ms/step | share | ops | GFLOP/s |\n|---|---|---|---|---|')
-    for kind, us in kinds.most_common(15):
+    for kind, us in kinds.most_common(20):
         rate = f'{flops[kind] / (us / 1e6):.0f}' if flops[kind] and 'async' not in kind else ''
         print(f'| {kind} | {us / 1e3:.1f} | {100 * us / total:.1f}% | {counts[kind]} | {rate} |')
 

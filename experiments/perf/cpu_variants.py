@@ -2,12 +2,14 @@
 (experiments/perf/CPU_NOTES.md): each variant's step is traced and compiled with its patches in
 place, then the compiled steps run interleaved and the median step time of each is printed.
 
-    python experiments/perf/cpu_variants.py --model=resnet20 --variants=base,block_out
-    python experiments/perf/cpu_variants.py --model=resnet50 --batch=32 --size=64 --variants=base,cond
+    python experiments/perf/cpu_variants.py --model=resnet20 --variants=base,no_onednn
+    python experiments/perf/cpu_variants.py --model=resnet50 --batch=32 --size=64 --variants=base,optax_update
 
-A variant is a name in VARIANTS: a context manager that patches resnet_jax.models.cpu_conv while
-the step is traced ('base': the code as it is; 'lax': XLA's convs throughout; 'rw': the previous
-reduce-window materialisation; 'nomat': none). `--eval` times the evaluation forward pass instead.
+A variant is a name in VARIANTS: a context manager that patches the CPU path while the step is traced
+('base': the code as it is; 'lax': XLA's convs throughout; 'no_onednn': XLA's convs with their slow
+cases routed around; 'norm_xla': XLA's BatchNorm backward; 'pool_xla': XLA's max pool; 'optax_update':
+optax's update instead of the one-pass kernel; 'onednn_mat': oneDNN's convs on materialised inputs; 'rw' / 'nomat': the earlier reduce-window
+materialisation / none). `--eval` times the evaluation forward pass instead.
 """
 import argparse
 import contextlib
@@ -22,6 +24,7 @@ from jax import lax
 
 from resnet_jax import sharding
 from resnet_jax.models import cpu_conv, resnet
+from resnet_jax.train import optim
 from resnet_jax.train.config import base_config
 from resnet_jax.train.run import Run
 
@@ -49,6 +52,7 @@ VARIANTS = {
     'no_onednn': lambda: _patched(cpu_conv, uses_onednn=lambda padding: False),
     'onednn_mat': lambda: _patched(cpu_conv, _dnnl_conv=lambda x, k, *conf: _dnnl_conv(_materialized(x), k, *conf)),
     'lax': lambda: _patched(cpu_conv, applies=lambda *a: False),
+    'optax_update': lambda: _patched(optim, sgd_in_place=lambda *a: None),
     'rw': lambda: _patched(cpu_conv, materialize=_rw),
     'nomat': lambda: _patched(cpu_conv, materialize=lambda x: x),
 }

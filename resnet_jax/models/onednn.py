@@ -1,5 +1,6 @@
 """oneDNN's convolution (forward, input and weight gradient) and BatchNorm backward on the CPU
-backend, as XLA FFI custom calls (onednn_ops.cc).
+backend, as XLA FFI custom calls (onednn_ops.cc), and beside them SGD's update of every parameter in one
+in-place pass (`sgd_update`, used by train.optim).
 
 XLA:CPU's own convolutions run at 80-105 GFLOP/s on a ResNet's shapes where oneDNN, the library
 PyTorch uses, reaches 170-240 (experiments/perf/CPU_NOTES.md, entries 14 and 16); the convolutions
@@ -33,7 +34,8 @@ import numpy as np
 SOURCE = Path(__file__).with_name('onednn_ops.cc')
 CHOICES = ('auto', 'onednn', 'xla')
 TARGETS = {'conv_forward': 'ResnetJaxOnednnConvForward', 'conv_input_grad': 'ResnetJaxOnednnConvInputGrad',
-           'conv_weight_grad': 'ResnetJaxOnednnConvWeightGrad', 'norm_backward': 'ResnetJaxOnednnNormBackward'}
+           'conv_weight_grad': 'ResnetJaxOnednnConvWeightGrad', 'norm_backward': 'ResnetJaxOnednnNormBackward',
+           'sgd_update': 'ResnetJaxSgdUpdate'}
 
 
 class Unavailable(RuntimeError):
@@ -80,7 +82,7 @@ def _build() -> Path:
     include, lib = _find_onednn()
     system = [] if include == Path('/usr/include') else ['-isystem', str(include)]  # already searched, and
     # naming it again reorders the C++ library's #include_next chain
-    command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-isystem', jax.ffi.include_dir(), *system,
+    command = [compiler, '-O2', '-ffp-contract=off', '-fopenmp', '-std=c++17', '-shared', '-fPIC', '-isystem', jax.ffi.include_dir(), *system,
                str(SOURCE), f'-L{lib}', f'-Wl,-rpath,{lib}', '-ldnnl']
     version = (include / 'oneapi' / 'dnnl' / 'dnnl_version.h').read_bytes()
     digest = hashlib.sha256(SOURCE.read_bytes() + version + jax.__version__.encode()
@@ -137,11 +139,12 @@ def why_not() -> str | None:
     return _load()
 
 
-def _call(name, out_shapes, *operands, **attributes):
+def _call(name, out_shapes, *operands, aliases=None, **attributes):
     if (problem := _load()) is not None:
         raise Unavailable(problem)
     out = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in out_shapes]
-    return jax.ffi.ffi_call(f'resnet_jax_onednn_{name}', out, vmap_method='sequential')(*operands, **attributes)
+    return jax.ffi.ffi_call(f'resnet_jax_onednn_{name}', out, vmap_method='sequential',
+                            input_output_aliases=aliases)(*operands, **attributes)
 
 
 def _conv_call(name, out_shape, *operands, strides, padding, dilation):
@@ -180,3 +183,15 @@ def batch_norm_grad(x, g, scale, mean, var, epsilon):
     sqrt(var + epsilon) + bias with mean and var x's batch statistics, for the output gradient g."""
     c = x.shape[-1]
     return _call('norm_backward', [x.shape, (c,), (c,)], x, g, scale, mean, var, epsilon=np.float32(epsilon))
+
+
+def sgd_update(params, momenta, grads, step, finite, *, momentum: float, nesterov: bool, decays):
+    """(new params, new momenta) of SGD with momentum on lists of float32 arrays, in place: the
+    results take the parameters' and momenta's buffers. step: the signed learning rate (-lr); finite:
+    False leaves everything as it was; decays: each parameter's L2 weight decay (0: none). The same
+    arithmetic as optax's add_decayed_weights, trace and scale_by_learning_rate, bit for bit."""
+    k = len(params)
+    results = _call('sgd_update', [p.shape for p in params] * 2, jnp.asarray(step, jnp.float32),
+                    jnp.asarray(finite, bool), *params, *momenta, *grads, aliases={2 + i: i for i in range(2 * k)},
+                    momentum=np.float32(momentum), nesterov=bool(nesterov), decay=np.asarray(decays, np.float32))
+    return results[:k], results[k:]

@@ -1,21 +1,26 @@
 // oneDNN's convolution and batch normalization as XLA FFI handlers for the CPU backend, float32:
 // the forward conv, its input gradient and its weight gradient (NHWC activations, HWIO kernels, as
 // jax.lax.conv_general_dilated computes them with no input dilation and one group), and the backward
-// pass of training-mode BatchNorm over the leading axes of a channels-last array. Built and loaded by
-// resnet_jax/models/onednn.py; why it exists is in experiments/perf/CPU_NOTES.md.
+// pass of training-mode BatchNorm over the leading axes of a channels-last array; and, not oneDNN's, SGD's
+// guarded momentum update of every parameter in one pass. Built and loaded by resnet_jax/models/onednn.py;
+// why it exists is in experiments/perf/CPU_NOTES.md.
 //
 // Each distinct op (kind and shapes, strides, padding, dilation, epsilon) gets its primitive made once
 // and kept. Conv kernels are reordered between HWIO and the layout oneDNN chose on every call (they
 // are small); activations stay channels-last, which oneDNN reads and writes directly.
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>
+
+#include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -242,6 +247,106 @@ ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::Re
   return run(kWeightGrad, x, *dkernel, dy, strides, padding, dilation);
 }
 
+// SGD with momentum (optax's add_decayed_weights, trace and scale_by_learning_rate, then apply_updates),
+// in place on every parameter p and momentum m at once: d = g + decay * p, m' = d + momentum * m,
+// p' = p + step * m' (nesterov: p + step * (d + momentum * m')). XLA:CPU contracts these multiply-adds to
+// fused ones where the machine has them, so the same does this, and the results are XLA's to the bit. One
+// pass reading p, m, g and writing p', m', spread over OpenMP's threads, against XLA's two loops per
+// parameter (each recomputing m') plus copies: CPU_NOTES.md, entry 28.
+struct Sgd {
+  std::vector<const float*> p, m, g;
+  std::vector<float*> p_out, m_out;
+  std::vector<int64_t> size;
+  ffi::Span<const float> decay;
+  float momentum, step;
+  bool nesterov;
+};
+
+template <bool kDecay, bool kNesterov, typename Mad>
+[[gnu::always_inline]] inline void sgd_leaf(const float* p, const float* m, const float* g, float* p_out, float* m_out, int64_t lo, int64_t hi,
+              float decay, float momentum, float step, Mad mad) {
+#pragma omp simd  // p_out and m_out are p and m or apart from them: each element is read before it is written
+  for (int64_t i = lo; i < hi; ++i) {
+    const float d = kDecay ? mad(decay, p[i], g[i]) : g[i];
+    const float t = mad(momentum, m[i], d);
+    m_out[i] = t;
+    p_out[i] = mad(step, kNesterov ? mad(momentum, t, d) : t, p[i]);
+  }
+}
+
+template <typename Mad>
+[[gnu::always_inline]] inline void sgd_range(const Sgd& s, int64_t begin, int64_t end, Mad mad) {
+  int64_t offset = 0;
+  for (size_t k = 0; k < s.size.size(); offset += s.size[k++]) {
+    const int64_t lo = std::max(begin, offset) - offset, hi = std::min(end, offset + s.size[k]) - offset;
+    if (lo >= hi) continue;
+    const float *p = s.p[k], *m = s.m[k], *g = s.g[k];
+    float *p_out = s.p_out[k], *m_out = s.m_out[k];
+    const float decay = s.decay[k], momentum = s.momentum, step = s.step;
+    if (decay != 0.0f && s.nesterov) sgd_leaf<true, true>(p, m, g, p_out, m_out, lo, hi, decay, momentum, step, mad);
+    else if (decay != 0.0f) sgd_leaf<true, false>(p, m, g, p_out, m_out, lo, hi, decay, momentum, step, mad);
+    else if (s.nesterov) sgd_leaf<false, true>(p, m, g, p_out, m_out, lo, hi, decay, momentum, step, mad);
+    else sgd_leaf<false, false>(p, m, g, p_out, m_out, lo, hi, decay, momentum, step, mad);
+  }
+}
+
+#if defined(__x86_64__)
+__attribute__((target("fma"))) void sgd_range_fma(const Sgd& s, int64_t begin, int64_t end) {
+  sgd_range(s, begin, end, [](float a, float b, float c) [[gnu::always_inline]] { return __builtin_fmaf(a, b, c); });
+}
+bool has_fma() { return __builtin_cpu_supports("fma"); }
+#else
+void sgd_range_fma(const Sgd& s, int64_t begin, int64_t end) {
+  sgd_range(s, begin, end, [](float a, float b, float c) { return std::fma(a, b, c); });
+}
+bool has_fma() { return true; }
+#endif
+
+void sgd_range_plain(const Sgd& s, int64_t begin, int64_t end) {
+  sgd_range(s, begin, end, [](float a, float b, float c) { return a * b + c; });  // built with -ffp-contract=off
+}
+
+// Arguments: step (the signed learning rate), finite, then the k parameters, k momenta, k gradients;
+// results: the k new parameters and k new momenta, aliased to the parameters' and momenta's buffers. Not
+// finite: the state stays as it is.
+ffi::Error SgdUpdate(ffi::Buffer<ffi::F32> step, ffi::Buffer<ffi::PRED> finite, ffi::RemainingArgs args,
+                     ffi::RemainingRets rets, float momentum, bool nesterov, ffi::Span<const float> decay) {
+  const size_t k = decay.size();
+  if (args.size() != 3 * k || rets.size() != 2 * k)
+    return ffi::Error::InvalidArgument("sgd_update: expected 3 arguments and 2 results per decay value");
+  Sgd s{{}, {}, {}, {}, {}, {}, decay, momentum, step.typed_data()[0], nesterov};
+  int64_t total = 0;
+  for (size_t i = 0; i < k; ++i) {
+    auto p = args.get<ffi::Buffer<ffi::F32>>(i), m = args.get<ffi::Buffer<ffi::F32>>(k + i),
+         g = args.get<ffi::Buffer<ffi::F32>>(2 * k + i);
+    auto p_out = rets.get<ffi::Buffer<ffi::F32>>(i), m_out = rets.get<ffi::Buffer<ffi::F32>>(k + i);
+    if (!p.has_value() || !m.has_value() || !g.has_value() || !p_out.has_value() || !m_out.has_value())
+      return ffi::Error::InvalidArgument("sgd_update: every operand must be float32");
+    s.p.push_back(p->typed_data());
+    s.m.push_back(m->typed_data());
+    s.g.push_back(g->typed_data());
+    s.p_out.push_back((*p_out)->typed_data());
+    s.m_out.push_back((*m_out)->typed_data());
+    s.size.push_back(p->element_count());
+    total += p->element_count();
+  }
+  if (!finite.typed_data()[0]) {  // the results alias the inputs; copy only if XLA gave them other buffers
+    for (size_t i = 0; i < k; ++i) {
+      if (s.p_out[i] != s.p[i]) std::memcpy(s.p_out[i], s.p[i], s.size[i] * sizeof(float));
+      if (s.m_out[i] != s.m[i]) std::memcpy(s.m_out[i], s.m[i], s.size[i] * sizeof(float));
+    }
+    return ffi::Error::Success();
+  }
+  const bool fma = has_fma();
+#pragma omp parallel
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t begin = total * t / threads, end = total * (t + 1) / threads;
+    fma ? sgd_range_fma(s, begin, end) : sgd_range_plain(s, begin, end);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define CONV_HANDLER(symbol, impl)                                                                  \
@@ -262,3 +367,7 @@ using F32 = ffi::Buffer<ffi::F32>;
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxOnednnNormBackward, NormBackward,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
                                   .Ret<F32>().Ret<F32>().Ret<F32>().Attr<float>("epsilon"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnetJaxSgdUpdate, SgdUpdate,
+                              ffi::Ffi::Bind().Arg<F32>().Arg<ffi::Buffer<ffi::PRED>>().RemainingArgs().RemainingRets()
+                                  .Attr<float>("momentum").Attr<bool>("nesterov")
+                                  .Attr<ffi::Span<const float>>("decay"));

@@ -15,12 +15,14 @@ that cannot run.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from resnet_jax.errors import check_field_choice, check_field_regex, refuse
+from resnet_jax.models import onednn
 from resnet_jax.train import finetune
 
 OPTIMIZERS = ('sgd', 'lars', 'adamw')
@@ -202,3 +204,43 @@ def make_optimizer(config, num_train: int, member=None) -> optax.GradientTransfo
         core = [decay, trust, optax.scale_by_learning_rate(schedule), trace]
     clip = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm else []
     return finetune.wrap_optimizer(optax.chain(*clip, *core), config)  # frozen parameters, layer-wise lr
+
+
+class InPlaceSgd(NamedTuple):
+    """config.optim's plain SGD as numbers, for `sgd_in_place`: the lr schedule, momentum, Nesterov, the
+    L2 weight decay and the function of the parameters that says which get it (None: all)."""
+    schedule: optax.Schedule
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    decayed: object
+
+
+def in_place_sgd(config, schedule: optax.Schedule) -> InPlaceSgd | None:
+    """The rule of `make_optimizer`'s plain SGD (momentum, L2 or no weight decay, no clipping, nothing
+    frozen or scaled per layer), which `sgd_in_place` can apply; None for any other optimizer."""
+    o = config.optim
+    plain = (o.name == 'sgd' and o.momentum and (o.decay_type == 'l2' or not o.weight_decay)
+             and not o.grad_clip_norm and finetune.frozen_fn(config) is None and config.finetune.layer_lr_decay == 1.0)
+    return InPlaceSgd(schedule, o.momentum, o.nesterov, o.weight_decay, weight_decay_mask(config)) if plain else None
+
+
+def sgd_in_place(rule: InPlaceSgd | None, params, opt_state, grads, finite):
+    """(params, opt_state) after `make_optimizer`'s update, computed in one in-place pass over every
+    parameter (models.onednn.sgd_update), or None where that does not apply: not plain SGD (rule None),
+    not the CPU backend's kernels, or a parameter that is not float32. On CPU, XLA computes optax's update
+    in two loops per parameter that each recompute the new momentum, and copies every parameter and
+    momentum because each loop reads the buffer the other overwrites (experiments/perf/CPU_NOTES.md, entry
+    28); the results are the same to the bit, and `finite` False leaves both as they were."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    if rule is None or not onednn.applies() or any(p.dtype != jnp.float32 for p in leaves):
+        return None
+    count = optax.tree_utils.tree_get(opt_state, 'count')
+    decayed = jax.tree_util.tree_leaves(rule.decayed(params)) if rule.decayed else [True] * len(leaves)
+    new_params, momenta = onednn.sgd_update(
+        leaves, tree.flatten_up_to(optax.tree_utils.tree_get(opt_state, 'trace')), tree.flatten_up_to(grads),
+        -1 * rule.schedule(count), finite, momentum=rule.momentum, nesterov=rule.nesterov,
+        decays=[rule.weight_decay if d else 0.0 for d in decayed])
+    opt_state = optax.tree_utils.tree_set(opt_state, trace=tree.unflatten(momenta),
+                                          count=jnp.where(finite, optax.safe_increment(count), count))
+    return tree.unflatten(new_params), opt_state

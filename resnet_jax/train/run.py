@@ -57,7 +57,8 @@ class Run:
                                       image_size=config.data.image_size, ema=config.optim.ema_decay > 0)
         state_shapes = jax.eval_shape(self.init, jax.random.key(0))
         self.train_step, self.eval_step, self.state_sharding = step_lib.compile_steps(
-            self.model, self.optimizer, config, self.mesh, state_shapes, self.mean, self.std, self.feed.to_batch)
+            self.model, self.optimizer, config, self.mesh, state_shapes, self.mean, self.std, self.feed.to_batch,
+            optim.in_place_sgd(config, self.schedule))
         self.abstract_state = jax.tree_util.tree_map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, self.state_sharding)
 

@@ -19,7 +19,7 @@ from resnet_jax import sharding
 from resnet_jax.data import augment
 from resnet_jax.data import feed as feed_lib
 from resnet_jax.models import cpu_conv
-from resnet_jax.train import finetune
+from resnet_jax.train import finetune, optim
 from resnet_jax.train.state import TrainState
 
 
@@ -59,13 +59,15 @@ def preprocess(rng, batch, config, num_classes: int, mean, std, label_smoothing=
     return x, targets
 
 
-def train_step(state: TrainState, inputs, rng, *, model, optimizer, config, mean, std, to_batch, member=None):
+def train_step(state: TrainState, inputs, rng, *, model, optimizer, config, mean, std, to_batch, member=None,
+               in_place: optim.InPlaceSgd | None = None):
     """One SGD update on the batch `to_batch(inputs, state.step)`, returning the new state and the
     step's metrics; a non-finite loss or gradient leaves the state unchanged, so no NaN is ever saved.
     member: a population member's traced values (train.population), {'model': the model's `member` hook
     values, 'optim': its 'label_smoothing' and 'ema_decay' among others, 'data': its mixup/CutMix alphas
     where members differ}; the optimizer is then that
-    member's too. None: the config's values, as a standalone run."""
+    member's too. None: the config's values, as a standalone run. in_place: `optim.in_place_sgd`'s rule,
+    which the CPU applies in one pass (`optim.sgd_in_place`) instead of `optimizer`'s update."""
     batch = to_batch(inputs, state.step)
     step_rng = jax.random.fold_in(rng, state.step)
     augment_rng, dropout_rng = jax.random.split(step_rng)
@@ -83,21 +85,25 @@ def train_step(state: TrainState, inputs, rng, *, model, optimizer, config, mean
         return loss, (logits, updates.get('batch_stats', {}))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema_params
-    if ema is not None:
-        decay = config.optim.ema_decay if hyper is None else hyper['ema_decay']
-        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient leaves the state as it was (the loop stops or counts it, per
     # config.optim.nonfinite), so no NaN ever reaches the parameters or a checkpoint.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updated = TrainState(step=state.step, params=params, batch_stats=batch_stats, opt_state=opt_state, ema_params=ema)
-    guarded = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    guard = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old))
+    updated = optim.sgd_in_place(in_place, state.params, state.opt_state, grads, finite)
+    if updated is None:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updated = guard((optax.apply_updates(state.params, updates), opt_state), (state.params, state.opt_state))
+    params, opt_state = updated
+    ema = state.ema_params
+    if ema is not None:
+        decay = config.optim.ema_decay if hyper is None else hyper['ema_decay']
+        ema = guard(jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params), ema)
+    new = TrainState(step=state.step + 1, params=params, batch_stats=guard(batch_stats, state.batch_stats),
+                     opt_state=opt_state, ema_params=ema)
     metrics = {'train/loss': loss, 'train/top1': topk_correct(logits, targets.argmax(-1), 1).mean(),
                'train/grad_norm': grad_norm, 'train/nonfinite': 1.0 - finite.astype(jnp.float32)}
-    return guarded.replace(step=state.step + 1), metrics
+    return new, metrics
 
 
 def eval_sums(logits, labels, mask, num_classes: int) -> dict[str, jax.Array]:
@@ -120,8 +126,9 @@ def eval_step(state: TrainState, batch, use_ema: bool = False, *, model, mean, s
     return eval_sums(logits, batch['label'], batch['mask'], model.num_classes)
 
 
-def compile_steps(model, optimizer, config, mesh, state_shapes, mean, std, to_batch):
+def compile_steps(model, optimizer, config, mesh, state_shapes, mean, std, to_batch, in_place=None):
     """jit-compiled (train_step, eval_step, state shardings) over `mesh`; the state is donated.
+    in_place: see `train_step`.
 
     The train step's second argument is what the feed's `next_input()` returns; `to_batch`
     (the feed's) turns it into the batch inside the step.
@@ -129,7 +136,7 @@ def compile_steps(model, optimizer, config, mesh, state_shapes, mean, std, to_ba
     state_sharding = sharding.state_shardings(mesh, state_shapes, config)
     data, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     step_fn = functools.partial(train_step, model=model, optimizer=optimizer, config=config, mean=mean, std=std,
-                                to_batch=to_batch)
+                                to_batch=to_batch, in_place=in_place)
     train = jax.jit(step_fn, in_shardings=(state_sharding, data, repl), out_shardings=(state_sharding, repl),
                     donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, model=model, mean=mean, std=std),
