@@ -100,7 +100,8 @@ def test_export_round_trip(name, library, tmp_path):
     """Ours -> a state_dict in safetensors -> the torch net (strict load) -> the same logits; and
     that state_dict -> ours again -> the very same variables. Torch runs in float64 here, so the
     tolerance holds our float32 noise alone: SE nets with random statistics amplify rounding to
-    ~5e-6 of the largest logit in each float32 implementation, and two of them can add up to 1e-5."""
+    ~5e-6 of the largest logit in each float32 implementation, and two of them can add up to 1e-5;
+    on a machine whose float32 convs round more, PyTorch's own float32 error there sets the bound."""
     model = timm_model(name)
     variables = _random_variables(model, seed=1)
     path = tmp_path / 'weights.safetensors'
@@ -109,7 +110,14 @@ def test_export_round_trip(name, library, tmp_path):
     reference = reference_resnet(name) if library == 'torchvision' else reference_timm(name)
     reference.load_state_dict(state_dict, strict=True)
     assert all(state_dict[k].dtype == torch.int64 for k in state_dict if k.endswith('num_batches_tracked'))
-    _assert_close(_logits(model, variables), _torch_logits(reference, torch.float64))
+    exact = _torch_logits(reference, torch.float64)
+    scale = np.abs(exact).max()
+    ours, theirs = (np.abs(logits - exact).max() / scale
+                    for logits in (_logits(model, variables), _torch_logits(reference)))
+    # Where this machine's float32 convs round more than usual (PyTorch's own float32 logits off by more
+    # than half the tolerance), the bound is twice PyTorch's error: on an Intel Xeon VM, 8.3e-6 for
+    # PyTorch and 1.24e-5 for XLA's convs on seresnet50, against 6.8e-6 for XLA's on an AMD EPYC.
+    assert ours <= max(RTOL, 2 * theirs), (ours, theirs)
     back = (from_torchvision if library == 'torchvision' else from_timm)(state_dict, model)
     flat_back, flat_ours = (flax.traverse_util.flatten_dict(jax.device_get(v)) for v in (back, variables))
     assert flat_back.keys() == flat_ours.keys()
