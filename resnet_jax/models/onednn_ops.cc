@@ -263,8 +263,8 @@ struct Sgd {
 };
 
 template <bool kDecay, bool kNesterov, typename Mad>
-[[gnu::always_inline]] inline void sgd_leaf(const float* p, const float* m, const float* g, float* p_out, float* m_out, int64_t lo, int64_t hi,
-              float decay, float momentum, float step, Mad mad) {
+[[gnu::always_inline]] inline void sgd_leaf(const float* p, const float* m, const float* g, float* p_out, float* m_out,
+                                            int64_t lo, int64_t hi, float decay, float momentum, float step, Mad mad) {
 #pragma omp simd  // p_out and m_out are p and m or apart from them: each element is read before it is written
   for (int64_t i = lo; i < hi; ++i) {
     const float d = kDecay ? mad(decay, p[i], g[i]) : g[i];
